@@ -1,0 +1,243 @@
+"""Run SGLD chains for all components and chains at once on chain-stacked parameters.
+
+Layout. The sampled (trainable) parameters of the model are flattened into one vector of
+length D. Every *slot* — a (component, chain) pair, component 0 being the whole model — holds
+its own copy, stacked into ``theta`` of shape ``(components, chains, D)``. Per-parameter
+views of ``theta`` are handed to :func:`torch.func.functional_call`, so the model's own
+tensors are never written.
+
+Backends, which compute the same arithmetic and consume the generator identically, so the
+same seed gives the same numbers up to floating-point reassociation:
+
+- ``vmap``: one batched forward over all slots (``torch.func.vmap``), one backward of the
+  summed slot losses — chains are independent, so the gradient of the sum w.r.t. ``theta`` is
+  every slot's own gradient, obtained as one flat ``(slots, D)`` tensor with no copying.
+- ``loop``: one plain forward per slot, then the same single backward. For models vmap
+  cannot trace (in-place updates of buffers, ``.item()`` in ``forward``, ...).
+
+Each step: gather one batch per slot from the pool (each chain has its own shuffled order),
+forward, backward, :class:`~slt_callbacks.core.sgld.SGLDStep`, write the slot losses into a
+preallocated trace. Nothing is read back to the host until the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .data import BatchPool
+from .functional import LossModule, check_scalar_loss, loss_at
+from .sgld import SGLDStep
+
+# Errors that mean "vmap cannot trace this model", not "the user's input is wrong".
+VMAP_FAILURES = (RuntimeError, NotImplementedError)
+
+
+@dataclass
+class FlatLayout:
+    """Where each sampled parameter lives in the flat vector."""
+
+    names: list[str]
+    shapes: list[torch.Size]
+    offsets: list[int]
+    size: int
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> FlatLayout:
+        names, shapes, offsets, pos = [], [], [], 0
+        for name, t in tensors.items():
+            names.append(name)
+            shapes.append(t.shape)
+            offsets.append(pos)
+            pos += t.numel()
+        return cls(names, shapes, offsets, pos)
+
+    def flatten(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat([tensors[n].detach().reshape(-1).to(dtype) for n in self.names])
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-parameter views of ``flat`` (``(..., D)``), keeping the leading dims."""
+        lead = flat.shape[:-1]
+        return {
+            n: flat[..., o : o + s.numel()].view(*lead, *s)
+            for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)
+        }
+
+
+@dataclass
+class ChainTraces:
+    """Raw output of :func:`run_chains`, on the CPU.
+
+    Attributes:
+        loss: ``(components, chains, steps)`` minibatch loss at each step, burn-in included.
+        drift_sq: same shape, ``‖∇U‖²`` at each step.
+        clipped: ``(components, chains)`` number of steps whose gradient was clipped.
+        backend: the backend that ran.
+        fallback_reason: why ``auto`` fell back to ``loop``, else None.
+    """
+
+    loss: torch.Tensor
+    drift_sq: torch.Tensor
+    clipped: torch.Tensor
+    backend: str
+    fallback_reason: str | None = None
+
+
+def batch_orders(
+    num_slots: int, num_steps: int, num_batches: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``(slots, steps)`` pool indices: each slot walks through its own reshuffle of the pool
+    every epoch, so chains see different minibatch sequences (their spread is then honest)."""
+    epochs = math.ceil(num_steps / num_batches)
+    keys = torch.rand(
+        (num_slots, epochs, num_batches), generator=generator, device=generator.device
+    )
+    return keys.argsort(dim=-1).reshape(num_slots, -1)[:, :num_steps]
+
+
+def run_chains(
+    wrapper: LossModule,
+    layout: FlatLayout,
+    theta0: torch.Tensor,
+    fixed: dict[str, torch.Tensor],
+    pool: BatchPool,
+    *,
+    step: SGLDStep,
+    num_chains: int,
+    num_steps: int,
+    masks: torch.Tensor | None,
+    generator: torch.Generator,
+    backend: str = "auto",
+) -> ChainTraces:
+    """Advance ``num_chains`` chains per component for ``num_steps`` SGLD steps.
+
+    Args:
+        wrapper: the user's loss as a module.
+        layout: flat layout of the sampled parameters.
+        theta0: ``(D,)`` w* in the sampling dtype.
+        fixed: frozen parameters and buffers, passed unbatched.
+        pool: the batches.
+        step: the SGLD transform.
+        masks: ``(components, D)`` 0/1 masks (row 0 all ones for the whole model), or None
+            when only the whole model is sampled.
+        generator: the only source of randomness (batch orders, noise).
+        backend: ``"auto"``, ``"vmap"`` or ``"loop"``.
+    """
+    num_components = 1 if masks is None else masks.shape[0]
+    slots = num_components * num_chains
+    dims = (num_components, num_chains, layout.size)
+    theta = theta0.expand(dims).clone()
+    mask3 = None if masks is None else masks.unsqueeze(1)  # (components, 1, D)
+    orders = batch_orders(slots, num_steps, pool.num_batches, generator)
+    noise = torch.empty(dims, dtype=theta0.dtype, device=theta0.device)
+    loss_trace = torch.empty((slots, num_steps), dtype=theta0.dtype, device=theta0.device)
+    drift_trace = torch.empty_like(loss_trace)
+    clipped = torch.zeros((num_components, num_chains), dtype=torch.long, device=theta0.device)
+
+    def losses_of(mode: str, views: dict[str, torch.Tensor], leaves: list[torch.Tensor]
+                  ) -> torch.Tensor:
+        if mode == "vmap":
+            return torch.func.vmap(
+                lambda p, b: _slot_loss(wrapper, p, fixed, pool, b),
+                in_dims=(0, 0),
+                randomness="different",
+            )(views, leaves)
+        return torch.stack(
+            [
+                _slot_loss(wrapper, {n: v[s] for n, v in views.items()}, fixed, pool,
+                           [leaf[s] for leaf in leaves])
+                for s in range(slots)
+            ]
+        )
+
+    mode = "vmap" if backend in ("auto", "vmap") else "loop"
+    fallback_reason = None
+    for t in range(num_steps):
+        leaves = pool.gather(orders[:, t])
+        # Per-parameter leaves that share theta's storage: autograd then returns one gradient
+        # per parameter, which a single cat lays out flat. (Differentiating w.r.t. theta
+        # itself would scatter each view's gradient into a zero-filled (slots, D) tensor.)
+        views = {
+            n: v.detach().requires_grad_(True)
+            for n, v in layout.views(theta.view(slots, layout.size)).items()
+        }
+        if t == 0 and backend == "auto":
+            try:
+                losses = losses_of(mode, views, leaves)
+                grad = _grad(losses, views, dims)
+            except VMAP_FAILURES as err:
+                mode = "loop"
+                fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                losses = losses_of(mode, views, leaves)
+                grad = _grad(losses, views, dims)
+        else:
+            losses = losses_of(mode, views, leaves)
+            grad = _grad(losses, views, dims)
+        with torch.no_grad():
+            noise.normal_(generator=generator)
+            drift_sq, was_clipped = step.apply_(theta, theta0, grad, noise, mask3)
+            loss_trace[:, t] = losses.detach()
+            drift_trace[:, t] = drift_sq.reshape(slots)
+            clipped += was_clipped
+    cpu = torch.device("cpu")
+    return ChainTraces(
+        loss=loss_trace.view(*dims[:2], num_steps).to(cpu),
+        drift_sq=drift_trace.view(*dims[:2], num_steps).to(cpu),
+        clipped=clipped.to(cpu),
+        backend=mode,
+        fallback_reason=fallback_reason,
+    )
+
+
+def _slot_loss(
+    wrapper: LossModule,
+    params: dict[str, torch.Tensor],
+    fixed: dict[str, torch.Tensor],
+    pool: BatchPool,
+    leaves: list[torch.Tensor],
+) -> torch.Tensor:
+    loss = loss_at(wrapper, {**fixed, **params}, pool.unflatten(leaves))
+    return check_scalar_loss(loss)
+
+
+def _grad(
+    losses: torch.Tensor, views: dict[str, torch.Tensor], dims: tuple[int, int, int]
+) -> torch.Tensor:
+    """Gradient of each slot's loss w.r.t. its own parameters, flat: ``dims``-shaped.
+
+    Slots are independent, so the gradient of the summed losses is every slot's own."""
+    grads = torch.autograd.grad(losses.sum(), list(views.values()), allow_unused=True)
+    if all(g is None for g in grads):
+        raise ValueError(
+            "The loss returned by `loss_fn` does not depend on any trainable parameter of "
+            "the model; is `loss_fn` calling the model it is given?"
+        )
+    slots = dims[0] * dims[1]
+    flat = [
+        torch.zeros(slots, v[0].numel(), dtype=v.dtype, device=v.device) if g is None
+        else g.reshape(slots, -1)
+        for g, v in zip(grads, views.values(), strict=True)
+    ]
+    return torch.cat(flat, dim=1).view(dims)
+
+
+def evaluate_loss(
+    wrapper: LossModule,
+    tensors: dict[str, Any],
+    pool: BatchPool,
+) -> torch.Tensor:
+    """Mean loss over every batch of the pool at the given parameters (no gradient): L_n(w*).
+
+    Batches are fed one at a time: this is also where the user's loss is validated, with
+    plain (un-vmapped) errors.
+    """
+    total = None
+    with torch.no_grad():
+        for i in range(pool.num_batches):
+            loss = check_scalar_loss(loss_at(wrapper, tensors, pool.batch(i))).detach()
+            total = loss if total is None else total + loss
+    assert total is not None
+    return total / pool.num_batches

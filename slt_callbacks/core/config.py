@@ -1,0 +1,152 @@
+"""The SGLD hyperparameters of an LLC estimate, as one frozen, validated object."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+
+Backend = Literal["auto", "vmap", "loop"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""Sampling dtypes by name (names, not ``torch.dtype``, so the config fits a YAML file)."""
+
+DEFAULT_MAX_BATCHES = 128
+"""Batches drawn into the pool when ``num_batches`` is None (one pass over ``data``, capped)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SGLDConfig:
+    r"""Hyperparameters of the SGLD chains behind one LLC estimate.
+
+    The chains sample the localized tempered posterior
+    :math:`p(w) \propto \exp(-n\beta L_n(w) - \tfrac{\gamma}{2}\lVert w - w^*\rVert^2)` with
+
+    .. math::
+
+        \Delta w = -\tfrac{\epsilon}{2}\bigl(n\beta\,\nabla L_m(w) + \gamma (w - w^*)\bigr)
+                   + \sigma\sqrt{\epsilon}\,\xi,\qquad \xi \sim N(0, I)
+
+    and :math:`\hat\lambda = n\beta\,(\mathbb{E}_w[L_m(w)] - L_n(w^*))` (Lau et al. 2023,
+    "The Local Learning Coefficient: A Singularity-Aware Complexity Measure").
+
+    LLC values are only comparable at equal ``step_size``, ``n_beta`` and ``localization``:
+    keep one config for every checkpoint of a run.
+
+    Args:
+        step_size: ε. Too large biases λ̂ upward and eventually diverges; too small and the
+            chains do not mix within ``num_burnin_steps``. Rule of thumb: keep
+            ε·nβ·(top Hessian eigenvalue) below 0.1, or use :func:`~slt_callbacks.calibrate`.
+        n_beta: nβ, inverse temperature times sample size (they only ever appear as a
+            product). ``None``: Watanabe's WBIC temperature n/log n, with n the number of
+            samples in the batch pool (``num_batches`` × batch size).
+        localization: γ, the strength of the pull back to w*. Larger values keep chains near
+            w* when w* is not a minimum (during training) but bias λ̂ low at singular points;
+            use 1 for comparisons with closed-form coefficients.
+        num_chains: independent chains; λ̂ is reported as their mean and std.
+        num_draws: SGLD steps after burn-in whose losses enter the average.
+        num_burnin_steps: SGLD steps before the draws, discarded.
+        noise_level: σ, a multiplier on the injected noise (1 is the correct Langevin noise;
+            other values sample a different temperature and are for experiments only).
+        max_grad_norm: if set, each chain's minibatch gradient is clipped to this L2 norm
+            before scaling by nβ; a guard against rare exploding steps (biases λ̂ if it bites
+            often; ``result.diagnostics`` counts how often it did).
+        dtype: ``"float32"``, ``"float64"`` or None (the model's dtype; half precision is
+            sampled in float32).
+        num_batches: batches drawn from ``data`` into the pool the chains sample from.
+            None: one pass over ``data``, at most 128 batches. The pool defines L_n.
+        backend: ``"vmap"`` (all chains in one batched forward/backward), ``"loop"`` (one
+            forward per chain; for models vmap cannot handle), or ``"auto"`` (vmap, falling
+            back to loop with a logged reason).
+        train_mode: sample with the model in train mode (dropout on, BatchNorm on batch
+            statistics). Default eval, as the estimator assumes a fixed function of w.
+    """
+
+    step_size: float = 1e-4
+    n_beta: float | None = None
+    localization: float = 100.0
+    num_chains: int = 4
+    num_draws: int = 200
+    num_burnin_steps: int = 100
+    noise_level: float = 1.0
+    max_grad_norm: float | None = None
+    dtype: str | None = None
+    num_batches: int | None = None
+    backend: Backend = "auto"
+    train_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_float("step_size", self.step_size)
+        if self.n_beta is not None:
+            _positive_float("n_beta", self.n_beta)
+        _positive_float("localization", self.localization, allow_zero=True)
+        _positive_int("num_chains", self.num_chains)
+        _positive_int("num_draws", self.num_draws, minimum=2)
+        _positive_int("num_burnin_steps", self.num_burnin_steps, minimum=0)
+        _positive_float("noise_level", self.noise_level)
+        if self.max_grad_norm is not None:
+            _positive_float("max_grad_norm", self.max_grad_norm)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(
+                f"Expected argument `dtype` to be one of {sorted(DTYPES)} or None but got "
+                f"{self.dtype!r}."
+            )
+        if self.num_batches is not None:
+            _positive_int("num_batches", self.num_batches)
+        if self.backend not in ("auto", "vmap", "loop"):
+            raise ValueError(
+                "Expected argument `backend` to be 'auto', 'vmap' or 'loop' but got "
+                f"{self.backend!r}."
+            )
+        if not isinstance(self.train_mode, bool):
+            raise ValueError(
+                f"Expected argument `train_mode` to be a bool but got {self.train_mode!r}."
+            )
+
+    @property
+    def num_steps(self) -> int:
+        """Total SGLD steps per chain (burn-in plus draws)."""
+        return self.num_burnin_steps + self.num_draws
+
+    def resolved_n_beta(self, num_samples: int) -> float:
+        """nβ, with the default n/log n for a pool of ``num_samples`` samples."""
+        if self.n_beta is not None:
+            return float(self.n_beta)
+        if num_samples < 2:
+            raise ValueError(
+                "Cannot derive the default n_beta = n/log n from a pool of "
+                f"{num_samples} sample(s); pass `n_beta` explicitly."
+            )
+        return num_samples / math.log(num_samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for a logger's hyperparameters or a checkpoint."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SGLDConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are rejected with their names."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown SGLDConfig field(s) {unknown}; known: {sorted(known)}.")
+        return cls(**values)
+
+
+def _positive_float(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"Expected argument `{name}` to be {kind} finite float but got {value!r}.")
+
+
+def _positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Expected argument `{name}` to be an int >= {minimum} but got {value!r}.")
