@@ -75,6 +75,7 @@ class ChainTraces:
         loss: ``(components, chains, steps)`` minibatch loss at each step, burn-in included.
         drift_sq: same shape, ``‖∇U‖²`` at each step.
         clipped: ``(components, chains)`` number of steps whose gradient was clipped.
+        orders: ``(components, chains, steps)`` pool index of the batch of each step.
         backend: the backend that ran.
         fallback_reason: why ``auto`` fell back to ``loop``, else None.
     """
@@ -82,6 +83,7 @@ class ChainTraces:
     loss: torch.Tensor
     drift_sq: torch.Tensor
     clipped: torch.Tensor
+    orders: torch.Tensor
     backend: str
     fallback_reason: str | None = None
 
@@ -165,12 +167,16 @@ def run_chains(
             for n, v in layout.views(theta.view(slots, layout.size)).items()
         }
         if t == 0 and backend == "auto":
+            rng = _global_rng_state(theta.device)
             try:
                 losses = losses_of(mode, views, leaves)
                 grad = _grad(losses, views, dims)
             except VMAP_FAILURES as err:
                 mode = "loop"
                 fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                # A loss that draws random numbers (dropout in train mode) must see the same
+                # stream as with backend="loop": rewind what the failed attempt consumed.
+                _set_global_rng_state(theta.device, rng)
                 losses = losses_of(mode, views, leaves)
                 grad = _grad(losses, views, dims)
         else:
@@ -187,9 +193,23 @@ def run_chains(
         loss=loss_trace.view(*dims[:2], num_steps).to(cpu),
         drift_sq=drift_trace.view(*dims[:2], num_steps).to(cpu),
         clipped=clipped.to(cpu),
+        orders=orders.view(*dims[:2], num_steps).to(cpu),
         backend=mode,
         fallback_reason=fallback_reason,
     )
+
+
+def _global_rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_global_rng_state(
+    device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]
+) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _slot_loss(
@@ -229,15 +249,16 @@ def evaluate_loss(
     tensors: dict[str, Any],
     pool: BatchPool,
 ) -> torch.Tensor:
-    """Mean loss over every batch of the pool at the given parameters (no gradient): L_n(w*).
+    """``(num_batches,)`` loss of every pool batch at the given parameters, no gradient.
 
-    Batches are fed one at a time: this is also where the user's loss is validated, with
-    plain (un-vmapped) errors.
+    Their mean is L_n(w*); each entry is also the paired baseline of every draw that uses
+    that batch. Batches are fed one at a time: this is also where the user's loss is
+    validated, with plain (un-vmapped) errors.
     """
-    total = None
     with torch.no_grad():
-        for i in range(pool.num_batches):
-            loss = check_scalar_loss(loss_at(wrapper, tensors, pool.batch(i))).detach()
-            total = loss if total is None else total + loss
-    assert total is not None
-    return total / pool.num_batches
+        return torch.stack(
+            [
+                check_scalar_loss(loss_at(wrapper, tensors, pool.batch(i))).detach()
+                for i in range(pool.num_batches)
+            ]
+        )

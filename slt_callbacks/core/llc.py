@@ -60,6 +60,8 @@ class LLCResult:
         llc_std: standard deviation of λ̂ across those chains (nan with fewer than two).
         llc_per_chain: ``(chains,)``; nan for a diverged chain.
         loss_trace: ``(chains, num_draws)`` minibatch loss at each draw, burn-in excluded.
+        baseline_trace: ``(chains, num_draws)`` loss at w* of the batch each draw used;
+            ``llc_per_chain = n_beta * (loss_trace - baseline_trace).mean(1)``.
         burnin_loss_trace: ``(chains, num_burnin_steps)``.
         init_loss: L_n(w*), the mean loss over the batch pool at the snapshot.
         n_beta: nβ actually used (resolved default included).
@@ -77,6 +79,7 @@ class LLCResult:
     llc_std: float
     llc_per_chain: torch.Tensor
     loss_trace: torch.Tensor
+    baseline_trace: torch.Tensor
     burnin_loss_trace: torch.Tensor
     init_loss: float
     n_beta: float
@@ -102,7 +105,7 @@ class LLCResult:
 
     @property
     def frac_below_init(self) -> float:
-        """Mean fraction of draws whose loss fell below ``init_loss``."""
+        """Mean fraction of draws whose loss fell below the loss at w* on the same batch."""
         return _mean_finite(self.summary.frac_below_init[self.summary.ok])
 
     @property
@@ -145,6 +148,7 @@ def chain_acceptance(drift_sq: torch.Tensor, config: SGLDConfig) -> torch.Tensor
 
 def summarize(
     loss: torch.Tensor,
+    baseline: torch.Tensor,
     acceptance: torch.Tensor,
     clipped_fraction: torch.Tensor,
     *,
@@ -159,27 +163,29 @@ def summarize(
 
     Args:
         loss: ``(chains, steps)`` minibatch losses, burn-in first.
+        baseline: ``(chains, num_draws)`` loss at w* of the batch each draw used.
         acceptance: ``(chains,)`` from :func:`chain_acceptance`.
         clipped_fraction: ``(chains,)`` fraction of steps whose gradient was clipped.
         extra: passed to :class:`LLCResult` (``backend``, ``components``, ...).
     """
     burnin = config.num_burnin_steps
-    draws = loss[:, burnin:].double()
+    # Paired with the loss at w* of the same batch: the same expectation as
+    # E[L_m(w)] - L_n(w*), without the batch-to-batch spread of the loss at w*.
+    draws = loss[:, burnin:].double() - baseline.double()
     finite = torch.isfinite(loss)
     first_bad = torch.where(
         finite.all(dim=1), -1, (~finite).double().argmax(dim=1)
     ).long()
     ok = first_bad < 0
-    llc = n_beta * (draws.mean(dim=1) - init_loss)
-    llc = torch.where(ok, llc, torch.nan)
+    llc = torch.where(ok, n_beta * draws.mean(dim=1), torch.nan)
     half = draws.shape[1] // 2
-    first_half = n_beta * (draws[:, :half].mean(dim=1) - init_loss)
-    second_half = n_beta * (draws[:, half:].mean(dim=1) - init_loss)
+    first_half = n_beta * draws[:, :half].mean(dim=1)
+    second_half = n_beta * draws[:, half:].mean(dim=1)
     summary = ChainSummary(
         llc=llc,
         diverged_at=first_bad,
         acceptance=torch.where(ok, acceptance, torch.nan),
-        frac_below_init=(draws < init_loss).double().mean(dim=1),
+        frac_below_init=(draws < 0).double().mean(dim=1),
         llc_first_half=first_half,
         llc_second_half=second_half,
     )
@@ -192,6 +198,7 @@ def summarize(
         llc_std=std,
         llc_per_chain=llc,
         loss_trace=loss[:, burnin:],
+        baseline_trace=baseline,
         burnin_loss_trace=loss[:, :burnin],
         init_loss=float(init_loss),
         n_beta=float(n_beta),
@@ -295,7 +302,8 @@ def estimate_llc(
             for name, t in frozen_tensors(model).items()
         }
         wrapper = LossModule(model, loss_fn)
-        init_loss = float(evaluate_loss(wrapper, {**fixed, **layout.views(theta0)}, pool))
+        batch_losses = evaluate_loss(wrapper, {**fixed, **layout.views(theta0)}, pool)
+        init_loss = float(batch_losses.mean())
         if not math.isfinite(init_loss):
             raise ValueError(
                 f"The loss at the current weights is {init_loss} on `data`; the LLC is "
@@ -320,29 +328,30 @@ def estimate_llc(
             "skip the attempt.",
             stacklevel=2,
         )
-    result = _results(traces, list(resolved), init_loss, n_beta, pool.num_samples, config,
-                      criteria, time.perf_counter() - start)
+    result = _results(traces, batch_losses.cpu(), list(resolved), n_beta, pool.num_samples,
+                      config, criteria, time.perf_counter() - start)
     _handle_failure(result, on_failure)
     return result
 
 
 def _results(
     traces: ChainTraces,
+    batch_losses: torch.Tensor,
     names: Sequence[str],
-    init_loss: float,
     n_beta: float,
     num_samples: int,
     config: SGLDConfig,
     criteria: HealthCriteria,
     seconds: float,
 ) -> LLCResult:
-    common = dict(init_loss=init_loss, n_beta=n_beta, num_samples=num_samples, config=config,
+    common = dict(init_loss=float(batch_losses.mean()), n_beta=n_beta, num_samples=num_samples, config=config,
                   criteria=criteria, backend=traces.backend,
                   backend_reason=traces.fallback_reason, seconds=seconds)
     steps = traces.loss.shape[-1]
     parts = [
         summarize(
             traces.loss[k],
+            batch_losses[traces.orders[k, :, config.num_burnin_steps :]],
             chain_acceptance(traces.drift_sq[k], config),
             traces.clipped[k] / steps,
             **common,
@@ -365,6 +374,7 @@ def merge_results(results: Sequence[LLCResult], *, criteria: HealthCriteria | No
     def combine(parts: Sequence[LLCResult]) -> LLCResult:
         return summarize(
             torch.cat([torch.cat([p.burnin_loss_trace, p.loss_trace], 1) for p in parts]),
+            torch.cat([p.baseline_trace for p in parts]),
             torch.cat([p.summary.acceptance for p in parts]),
             torch.cat([p.clipped_fraction for p in parts]),
             init_loss=parts[0].init_loss,
