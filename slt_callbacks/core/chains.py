@@ -22,6 +22,7 @@ preallocated trace. Nothing is read back to the host until the end.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,7 @@ def run_chains(
     masks: torch.Tensor | None,
     generator: torch.Generator,
     backend: str = "auto",
+    autocast: torch.dtype | None = None,
 ) -> ChainTraces:
     """Advance ``num_chains`` chains per component for ``num_steps`` SGLD steps.
 
@@ -127,6 +129,7 @@ def run_chains(
             when only the whole model is sampled.
         generator: the only source of randomness (batch orders, noise).
         backend: ``"auto"``, ``"vmap"`` or ``"loop"``.
+        autocast: run forward passes under :func:`torch.autocast` with this dtype.
     """
     num_components = 1 if masks is None else masks.shape[0]
     slots = num_components * num_chains
@@ -139,49 +142,83 @@ def run_chains(
     drift_trace = torch.empty_like(loss_trace)
     clipped = torch.zeros((num_components, num_chains), dtype=torch.long, device=theta0.device)
 
-    def losses_of(mode: str, views: dict[str, torch.Tensor], leaves: list[torch.Tensor]
-                  ) -> torch.Tensor:
-        if mode == "vmap":
-            return torch.func.vmap(
-                lambda p, b: _slot_loss(wrapper, p, fixed, pool, b),
-                in_dims=(0, 0),
-                randomness="different",
-            )(views, leaves)
-        return torch.stack(
-            [
-                _slot_loss(wrapper, {n: v[s] for n, v in views.items()}, fixed, pool,
-                           [leaf[s] for leaf in leaves])
-                for s in range(slots)
-            ]
-        )
+    def leaves_of(mode: str) -> list[torch.Tensor]:
+        """Fresh autograd leaves sharing theta's storage, so that autograd returns one
+        gradient per leaf and a single cat lays them out flat. (Differentiating w.r.t.
+        theta, or indexing a stacked leaf per slot, would scatter every gradient into a
+        zero-filled (slots, D) tensor.) vmap: one ``(slots, *shape)`` leaf per parameter;
+        loop: one leaf per (slot, parameter), slot-major like the flat layout."""
+        flat = theta.view(slots, layout.size)
+        per = [flat] if mode == "vmap" else list(flat)
+        return [v.detach().requires_grad_(True) for f in per for v in layout.views(f).values()]
+
+    def losses_of(mode: str, leaves: list[torch.Tensor], batch: list[Any]) -> torch.Tensor:
+        with autocast_context(theta.device, autocast):
+            if mode == "vmap":
+                losses = torch.func.vmap(
+                    lambda p, b: _slot_loss(wrapper, p, fixed, pool, b),
+                    in_dims=(0, 0),
+                    randomness="different",
+                )(dict(zip(layout.names, leaves, strict=True)), batch)
+            else:
+                n = len(layout.names)
+                losses = torch.stack(
+                    [
+                        _slot_loss(
+                            wrapper,
+                            dict(zip(layout.names, leaves[s * n : (s + 1) * n], strict=True)),
+                            fixed,
+                            pool,
+                            batch[s],
+                        )
+                        for s in range(slots)
+                    ]
+                )
+        return losses.to(theta.dtype)
+
+    orders_list: list[list[int]] = []
+
+    def batches(mode: str, t: int) -> list[Any]:
+        if mode == "vmap":  # one (slots, ...) tensor per leaf
+            return pool.gather(orders[:, t])
+        if not orders_list:  # one host read, up front, then plain views: nothing is copied
+            orders_list.extend(orders.tolist())
+        return [pool.tensor_leaves(orders_list[s][t]) for s in range(slots)]
 
     mode = "vmap" if backend in ("auto", "vmap") else "loop"
     fallback_reason = None
     for t in range(num_steps):
-        leaves = pool.gather(orders[:, t])
-        # Per-parameter leaves that share theta's storage: autograd then returns one gradient
-        # per parameter, which a single cat lays out flat. (Differentiating w.r.t. theta
-        # itself would scatter each view's gradient into a zero-filled (slots, D) tensor.)
-        views = {
-            n: v.detach().requires_grad_(True)
-            for n, v in layout.views(theta.view(slots, layout.size)).items()
-        }
         if t == 0 and backend == "auto":
             rng = _global_rng_state(theta.device)
             try:
-                losses = losses_of(mode, views, leaves)
-                grad = _grad(losses, views, dims)
+                leaves = leaves_of(mode)
+                grad = _grad(
+                    losses := losses_of(mode, leaves, batches(mode, t)),
+                    leaves,
+                    dims,
+                    stacked=mode == "vmap",
+                )
             except VMAP_FAILURES as err:
                 mode = "loop"
                 fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
                 # A loss that draws random numbers (dropout in train mode) must see the same
                 # stream as with backend="loop": rewind what the failed attempt consumed.
                 _set_global_rng_state(theta.device, rng)
-                losses = losses_of(mode, views, leaves)
-                grad = _grad(losses, views, dims)
+                leaves = leaves_of(mode)
+                grad = _grad(
+                    losses := losses_of(mode, leaves, batches(mode, t)),
+                    leaves,
+                    dims,
+                    stacked=mode == "vmap",
+                )
         else:
-            losses = losses_of(mode, views, leaves)
-            grad = _grad(losses, views, dims)
+            leaves = leaves_of(mode)
+            grad = _grad(
+                losses := losses_of(mode, leaves, batches(mode, t)),
+                leaves,
+                dims,
+                stacked=mode == "vmap",
+            )
         with torch.no_grad():
             noise.normal_(generator=generator)
             drift_sq, was_clipped = step.apply_(theta, theta0, grad, noise, mask3)
@@ -224,30 +261,46 @@ def _slot_loss(
 
 
 def _grad(
-    losses: torch.Tensor, views: dict[str, torch.Tensor], dims: tuple[int, int, int]
+    losses: torch.Tensor,
+    leaves: list[torch.Tensor],
+    dims: tuple[int, int, int],
+    *,
+    stacked: bool,
 ) -> torch.Tensor:
     """Gradient of each slot's loss w.r.t. its own parameters, flat: ``dims``-shaped.
 
-    Slots are independent, so the gradient of the summed losses is every slot's own."""
-    grads = torch.autograd.grad(losses.sum(), list(views.values()), allow_unused=True)
+    Slots are independent, so the gradient of the summed losses is every slot's own.
+    ``leaves`` are either one ``(slots, *shape)`` tensor per parameter (``stacked``, vmap)
+    or one tensor per (slot, parameter), slot-major (loop); both flatten to the
+    ``(slots, D)`` layout."""
+    grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
     if all(g is None for g in grads):
         raise ValueError(
             "The loss returned by `loss_fn` does not depend on any trainable parameter of "
             "the model; is `loss_fn` calling the model it is given?"
         )
-    slots = dims[0] * dims[1]
+    rows = dims[0] * dims[1] if stacked else 1
     flat = [
-        torch.zeros(slots, v[0].numel(), dtype=v.dtype, device=v.device) if g is None
-        else g.reshape(slots, -1)
-        for g, v in zip(grads, views.values(), strict=True)
+        (torch.zeros_like(v) if g is None else g).reshape(rows, -1)
+        for g, v in zip(grads, leaves, strict=True)
     ]
     return torch.cat(flat, dim=1).view(dims)
+
+
+def autocast_context(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[Any]:
+    """:func:`torch.autocast` for ``dtype`` on ``device``'s type, or a no-op for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def evaluate_loss(
     wrapper: LossModule,
     tensors: dict[str, Any],
     pool: BatchPool,
+    autocast: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``(num_batches,)`` loss of every pool batch at the given parameters, no gradient.
 
@@ -255,7 +308,7 @@ def evaluate_loss(
     that batch. Batches are fed one at a time: this is also where the user's loss is
     validated, with plain (un-vmapped) errors.
     """
-    with torch.no_grad():
+    with torch.no_grad(), autocast_context(pool.device, autocast):
         return torch.stack(
             [
                 check_scalar_loss(loss_at(wrapper, tensors, pool.batch(i))).detach()

@@ -13,6 +13,9 @@ Backend = Literal["auto", "vmap", "loop"]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 """Sampling dtypes by name (names, not ``torch.dtype``, so the config fits a YAML file)."""
 
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Reduced-precision matmul dtypes for ``autocast`` (master weights stay in ``dtype``)."""
+
 DEFAULT_MAX_BATCHES = 128
 """Batches drawn into the pool when ``num_batches`` is None (one pass over ``data``, capped)."""
 
@@ -55,6 +58,11 @@ class SGLDConfig:
             often; ``result.diagnostics`` counts how often it did).
         dtype: ``"float32"``, ``"float64"`` or None (the model's dtype; half precision is
             sampled in float32).
+        autocast: ``"bfloat16"`` or ``"float16"`` runs the chains' forward and backward passes
+            (and the loss at w*) under :func:`torch.autocast` with that dtype, keeping the
+            chains' weights and the update in ``dtype``. Faster where the hardware has
+            reduced-precision matrix units; check on your model that λ̂ is unchanged
+            (``benchmarks/speed.py`` does so for an MLP). None: full precision.
         num_batches: batches drawn from ``data`` into the pool the chains sample from.
             None: one pass over ``data``, at most 128 batches. The pool defines L_n.
         backend: ``"vmap"`` (all chains in one batched forward/backward), ``"loop"`` (one
@@ -73,6 +81,7 @@ class SGLDConfig:
     noise_level: float = 1.0
     max_grad_norm: float | None = None
     dtype: str | None = None
+    autocast: str | None = None
     num_batches: int | None = None
     backend: Backend = "auto"
     train_mode: bool = False
@@ -92,6 +101,11 @@ class SGLDConfig:
             raise ValueError(
                 f"Expected argument `dtype` to be one of {sorted(DTYPES)} or None but got "
                 f"{self.dtype!r}."
+            )
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(
+                f"Expected argument `autocast` to be one of {sorted(AUTOCAST_DTYPES)} or None "
+                f"but got {self.autocast!r}."
             )
         if self.num_batches is not None:
             _positive_int("num_batches", self.num_batches)

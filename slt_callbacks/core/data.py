@@ -38,6 +38,10 @@ class BatchPool:
     num_skipped: int = 0
 
     @property
+    def device(self) -> torch.device:
+        return next(leaf for leaf, t in self._tensors() if t).device
+
+    @property
     def num_samples(self) -> int:
         return self.num_batches * self.batch_size
 
@@ -48,6 +52,10 @@ class BatchPool:
             for leaf, is_t in zip(self.leaves, self.is_tensor, strict=True)
         ]
         return pytree.tree_unflatten(leaves, self.spec)
+
+    def tensor_leaves(self, index: int) -> list[torch.Tensor]:
+        """Tensor leaves of batch ``index`` (views, no copy)."""
+        return [leaf[index] for leaf, t in self._tensors() if t]
 
     def gather(self, indices: torch.Tensor) -> list[torch.Tensor]:
         """Tensor leaves of batches ``indices`` (shape ``(slots,)``): each ``(slots, ...)``."""

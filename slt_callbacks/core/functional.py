@@ -6,7 +6,7 @@ them may change the model. The helpers here are the one place that knows how:
 
 - :class:`LossModule` turns ``loss_fn(model, batch)`` into a module whose ``forward`` is the
   loss, so :func:`torch.func.functional_call` can swap parameters in and out without touching
-  the user's tensors;
+  the user's tensors (:func:`loss_at`);
 - :func:`module_mode` puts a model in eval (or train) mode and restores every submodule's own
   flag afterwards, not just the root's;
 - :func:`trainable_parameters` names the parameters that are sampled (``requires_grad``);
@@ -29,21 +29,33 @@ class LossModule(nn.Module):
     """``forward(batch) = loss_fn(model, batch)``; parameters are those of ``model``.
 
     Parameter names seen by :func:`torch.func.functional_call` are prefixed with ``"model."``;
-    use :func:`prefixed` to build the mapping.
+    :meth:`substitution` builds the mapping, tied weights included.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        # Every name under which each tensor is reachable (tied weights have several), so
+        # substitution can skip functional_call's per-call tie analysis: it walks the whole
+        # module tree, which costs as much as a small layer's forward.
+        names: dict[int, list[str]] = {}
+        for name, t in [*model.named_parameters(remove_duplicate=False),
+                        *model.named_buffers(remove_duplicate=False)]:
+            names.setdefault(id(t), []).append(f"model.{name}")
+        self._aliases = {group[0][len("model."):]: group for group in names.values()}
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.loss_fn(self.model, batch)
 
-
-def prefixed(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map model-relative names to the names :class:`LossModule` exposes."""
-    return {f"model.{name}": value for name, value in tensors.items()}
+    def substitution(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map model-relative names (as ``named_parameters()`` gives them) to every name
+        this module exposes for them."""
+        out = {}
+        for name, value in tensors.items():
+            for alias in self._aliases.get(name, (f"model.{name}",)):
+                out[alias] = value
+        return out
 
 
 def loss_at(
@@ -51,7 +63,9 @@ def loss_at(
 ) -> torch.Tensor:
     """The loss of ``wrapper.model`` on ``batch`` with ``tensors`` (model-relative names)
     substituted for its parameters/buffers; the model itself is not modified."""
-    return torch.func.functional_call(wrapper, prefixed(tensors), (batch,), strict=False)
+    return torch.func.functional_call(
+        wrapper, wrapper.substitution(tensors), (batch,), strict=False, tie_weights=False
+    )
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .chains import ChainTraces, FlatLayout, evaluate_loss, run_chains
-from .config import DTYPES, SGLDConfig
+from .config import AUTOCAST_DTYPES, DTYPES, SGLDConfig
 from .data import build_pool
 from .diagnostics import ChainSummary, HealthCriteria, Status, assess
 from .functional import (
@@ -302,7 +302,8 @@ def estimate_llc(
             for name, t in frozen_tensors(model).items()
         }
         wrapper = LossModule(model, loss_fn)
-        batch_losses = evaluate_loss(wrapper, {**fixed, **layout.views(theta0)}, pool)
+        autocast = AUTOCAST_DTYPES[config.autocast] if config.autocast else None
+        batch_losses = evaluate_loss(wrapper, {**fixed, **layout.views(theta0)}, pool, autocast)
         init_loss = float(batch_losses.mean())
         if not math.isfinite(init_loss):
             raise ValueError(
@@ -320,6 +321,7 @@ def estimate_llc(
             masks=masks,
             generator=generator,
             backend=config.backend,
+            autocast=autocast,
         )
     if traces.fallback_reason is not None:
         warnings.warn(

@@ -59,7 +59,7 @@ class SGLDStep:
             theta0: ``(params,)``, w*.
             grad: same shape as ``theta``, minibatch gradients of the mean loss; consumed
                 (may be overwritten).
-            noise: same shape as ``theta``, standard normal draws.
+            noise: same shape as ``theta``, standard normal draws; consumed.
             mask: ``(components, 1, params)`` with 1 for sampled coordinates and 0 for
                 coordinates frozen at w*, or None to sample every coordinate.
 
@@ -77,19 +77,19 @@ class SGLDStep:
             clipped = (scale < 1.0).squeeze(-1)
         else:
             clipped = torch.zeros(theta.shape[:-1], dtype=torch.bool, device=theta.device)
-        # delta = -(ε/2)·(nβ·g + γ·(θ − θ*)), built in the gradient's buffer to save a pass.
+        # delta = -(ε/2)·(nβ·g + γ·(θ − θ*)), built in the gradient's buffer: every line
+        # below is one pass over (components, chains, params) and none allocates.
         delta = grad.mul_(-0.5 * eps * self.n_beta)
         if self.localization:
-            delta.add_(theta - theta0, alpha=-0.5 * eps * self.localization)
+            pull = 0.5 * eps * self.localization
+            delta.add_(theta, alpha=-pull).add_(theta0, alpha=pull)
         if mask is not None:
             delta.mul_(mask)
-        drift_sq = delta.square().sum(-1).mul_((2.0 / eps) ** 2)
+        drift_sq = torch.linalg.vector_norm(delta, dim=-1).square_().mul_((2.0 / eps) ** 2)
         noise_scale = self.noise_level * math.sqrt(eps)
-        if mask is None:
-            delta.add_(noise, alpha=noise_scale)
-        else:
-            delta.addcmul_(noise, mask, value=noise_scale)
-        theta.add_(delta)
+        if mask is not None:
+            noise.mul_(mask)
+        theta.add_(delta).add_(noise, alpha=noise_scale)
         return drift_sq, clipped
 
 

@@ -1,0 +1,320 @@
+"""Cost of one SGLD chain-step, as a multiple of one plain forward+backward.
+
+Setup (issue #2): a 784-64-64-10 MLP, 10k synthetic samples, batch 256, 4 chains x 200 steps,
+``torch.set_num_threads(1)``. Every row runs in its own subprocess (so peak memory is its
+own) and measures the floor — a plain ``zero_grad(); loss.backward()`` on the same batches —
+in that same process right before it, so every ratio compares numbers from one run.
+
+Rows:
+- ``slt_callbacks`` with the vmap and loop backends, fp32 and with bf16 autocast;
+- a straightforward sequential SGLD loop (one chain after another, per-parameter updates);
+- devinterp 2.0.1's ``estimate_learning_coeff_with_summary`` when it is importable (never a
+  dependency: install it in a separate venv to fill that row).
+Then the scaling with the number of chains, and K restricted components in one batched call
+against K + 1 separate runs.
+
+Usage: ``python benchmarks/speed.py [--device cuda] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+D_IN, HIDDEN, CLASSES, N, BATCH = 784, 64, 10, 10_000, 256
+
+
+def make_problem(device: str):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D_IN, generator=g)
+    y = torch.randint(0, CLASSES, (N,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(D_IN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, CLASSES),
+    ).to(device)
+    batches = [
+        (x[i : i + BATCH].to(device), y[i : i + BATCH].to(device))
+        for i in range(0, N - BATCH + 1, BATCH)
+    ]
+    return model, batches
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def floor_ms(model, batches, device: str, reps: int = 200) -> float:
+    """One plain forward+backward on a pre-materialised batch: the cost floor."""
+    for i in range(20):
+        model.zero_grad()
+        loss_fn(model, batches[i % len(batches)]).backward()
+    sync(device)
+    start = time.perf_counter()
+    for i in range(reps):
+        model.zero_grad()
+        loss_fn(model, batches[i % len(batches)]).backward()
+    sync(device)
+    model.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def naive_sgld(model, batches, chains: int, steps: int, device: str) -> float:
+    """The loop a user would write: one chain after another, a fresh copy of the model per
+    chain, per-parameter update and noise, batches cycled in order."""
+    import copy
+
+    eps, n_beta, gamma = 1e-5, 100.0, 100.0
+    g = torch.Generator(device=device).manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(chains):
+        chain = copy.deepcopy(model)
+        init = [p.detach().clone() for p in chain.parameters()]
+        for t in range(steps):
+            chain.zero_grad()
+            loss = loss_fn(chain, batches[t % len(batches)])
+            loss.backward()
+            with torch.no_grad():
+                for p, p0 in zip(chain.parameters(), init, strict=True):
+                    drift = n_beta * p.grad + gamma * (p - p0)
+                    p.add_(drift, alpha=-eps / 2)
+                    p.add_(torch.randn(p.shape, generator=g, device=device), alpha=eps**0.5)
+            _ = loss.detach()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def ours(model, batches, chains, steps, device, backend, autocast, components=None) -> float:
+    from slt_callbacks import SGLDConfig, estimate_llc
+
+    cfg = SGLDConfig(
+        step_size=1e-5,
+        n_beta=100.0,
+        localization=100.0,
+        num_chains=chains,
+        num_draws=steps - steps // 4,
+        num_burnin_steps=steps // 4,
+        backend=backend,
+        autocast=autocast,
+    )
+    warm = SGLDConfig(**{**cfg.to_dict(), "num_draws": 2, "num_burnin_steps": 0})
+    estimate_llc(
+        model, loss_fn, batches, config=warm, seed=1, components=components, on_failure="ignore"
+    )
+    sync(device)
+    start = time.perf_counter()
+    result = estimate_llc(
+        model, loss_fn, batches, config=cfg, seed=0, components=components, on_failure="ignore"
+    )
+    sync(device)
+    elapsed = time.perf_counter() - start
+    ours.last_llc = result.llc_mean  # type: ignore[attr-defined]
+    return elapsed
+
+
+def devinterp_run(model, batches, chains: int, steps: int, device: str) -> float:
+    from devinterp.optim import SGLD
+    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+
+    def evaluate(m, data):
+        return loss_fn(m, data), {}
+
+    start = time.perf_counter()
+    estimate_learning_coeff_with_summary(
+        model,
+        loader=batches,
+        evaluate=evaluate,
+        sampling_method=SGLD,
+        optimizer_kwargs=dict(lr=1e-5, localization=100.0, nbeta=100.0),
+        num_chains=chains,
+        num_draws=steps,
+        num_burnin_steps=0,
+        num_steps_bw_draws=1,
+        device=device,
+        online=False,
+        verbose=False,
+    )
+    sync(device)
+    return time.perf_counter() - start
+
+
+def one(args) -> dict:
+    torch.set_num_threads(1)
+    model, batches = make_problem(args.device)
+    floor = floor_ms(model, batches, args.device)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    chains, steps = args.chains, args.steps
+    components = None
+    if args.components:
+        components = {f"layer{i}": f"{2 * i}.*" for i in range(args.components)}
+    if args.method == "naive":
+        seconds = naive_sgld(model, batches, chains, steps, args.device)
+    elif args.method == "devinterp":
+        seconds = devinterp_run(model, batches, chains, steps, args.device)
+    elif args.method == "components-separate":
+        seconds = ours(model, batches, chains, steps, args.device, args.backend, None)
+        for glob in (components or {}).values():
+            frozen = [p for n, p in model.named_parameters() if not fnmatch.fnmatch(n, glob)]
+            for p in frozen:
+                p.requires_grad_(False)
+            seconds += ours(model, batches, chains, steps, args.device, args.backend, None)
+            for p in frozen:
+                p.requires_grad_(True)
+    else:
+        seconds = ours(
+            model, batches, chains, steps, args.device, args.backend, args.autocast, components
+        )
+    slots = chains * (1 + (args.components or 0))
+    if args.device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    return {
+        "floor_ms": floor,
+        "seconds": seconds,
+        "slots": slots,
+        "step_ms": seconds / (slots * steps) * 1e3,
+        "peak_mb": peak_mb,
+    }
+
+
+def run(
+    method: str,
+    device: str,
+    *,
+    chains: int = 4,
+    steps: int = 200,
+    backend="auto",
+    autocast=None,
+    components=0,
+) -> dict | None:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        method,
+        "--device",
+        device,
+        "--chains",
+        str(chains),
+        "--steps",
+        str(steps),
+        "--backend",
+        backend,
+        "--components",
+        str(components),
+    ]
+    if autocast:
+        cmd += ["--autocast", autocast]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"  ({method}: failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def has_devinterp() -> bool:
+    try:
+        import devinterp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="fewer steps, for a smoke test")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--chains", type=int, default=4, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=200, help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--autocast", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--components", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        args.method = args.one
+        print(json.dumps(one(args)))
+        return
+    steps = 40 if args.quick else 200
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU, 1 thread"
+    print(
+        f"## SGLD chain-step cost: MLP 784-64-64-10, batch {BATCH}, 4 chains x {steps} "
+        f"steps, {name}, torch {torch.__version__}\n"
+    )
+    print(
+        "| method | ms / chain-step | floor ms (same process) | ratio to floor | peak memory MB |"
+    )
+    print("|---|---|---|---|---|")
+    rows = [
+        ("slt_callbacks, vmap, fp32", "ours", dict(backend="vmap")),
+        ("slt_callbacks, loop, fp32", "ours", dict(backend="loop")),
+        ("slt_callbacks, vmap, bf16 autocast", "ours", dict(backend="vmap", autocast="bfloat16")),
+        ("slt_callbacks, loop, bf16 autocast", "ours", dict(backend="loop", autocast="bfloat16")),
+        ("straightforward sequential SGLD loop", "naive", {}),
+    ]
+    if has_devinterp():
+        rows.append(("devinterp 2.0.1", "devinterp", {}))
+    for label, method, kw in rows:
+        r = run(method, args.device, steps=steps, **kw)
+        if r:
+            print(
+                f"| {label} | {r['step_ms']:.3f} | {r['floor_ms']:.3f} | "
+                f"{r['step_ms'] / r['floor_ms']:.2f}x | {r['peak_mb']:.0f} |"
+            )
+    if not has_devinterp():
+        print("| devinterp 2.0.1 | not installed here (optional; never a dependency) | | | |")
+
+    print(f"\n## Scaling with the number of chains ({steps} steps)\n")
+    print("| chains | backend | ms / chain-step | ratio to floor | peak memory MB |")
+    print("|---|---|---|---|---|")
+    for chains in (1, 4, 16):
+        for backend in ("vmap", "loop"):
+            r = run("ours", args.device, chains=chains, steps=steps, backend=backend)
+            if r:
+                print(
+                    f"| {chains} | {backend} | {r['step_ms']:.3f} | "
+                    f"{r['step_ms'] / r['floor_ms']:.2f}x | {r['peak_mb']:.0f} |"
+                )
+
+    print(f"\n## K = 3 restricted components (one per Linear layer), 4 chains, {steps} steps\n")
+    print("| how | backend | wall s | ratio to one batched call |")
+    print("|---|---|---|---|")
+    for backend in ("vmap", "loop"):
+        batched = run("ours", args.device, steps=steps, backend=backend, components=3)
+        separate = run(
+            "components-separate", args.device, steps=steps, backend=backend, components=3
+        )
+        if batched and separate:
+            print(
+                f"| global + 3 components in one call | {backend} | "
+                f"{batched['seconds']:.2f} | 1.00x |"
+            )
+            print(
+                f"| 4 separate runs (global, then each layer alone) | {backend} | "
+                f"{separate['seconds']:.2f} | {separate['seconds'] / batched['seconds']:.2f}x |"
+            )
+
+
+if __name__ == "__main__":
+    main()
