@@ -141,6 +141,17 @@ def run_chains(
     loss_trace = torch.empty((slots, num_steps), dtype=theta0.dtype, device=theta0.device)
     drift_trace = torch.empty_like(loss_trace)
     clipped = torch.zeros((num_components, num_chains), dtype=torch.long, device=theta0.device)
+    needs_grad = (
+        [[True] * len(layout.names)]
+        if masks is None
+        else [
+            [
+                bool(row[o : o + s.numel()].any())
+                for s, o in zip(layout.shapes, layout.offsets, strict=True)
+            ]
+            for row in masks
+        ]
+    )
 
     def leaves_of(mode: str) -> list[torch.Tensor]:
         """Fresh autograd leaves sharing theta's storage, so that autograd returns one
@@ -149,8 +160,15 @@ def run_chains(
         zero-filled (slots, D) tensor.) vmap: one ``(slots, *shape)`` leaf per parameter;
         loop: one leaf per (slot, parameter), slot-major like the flat layout."""
         flat = theta.view(slots, layout.size)
-        per = [flat] if mode == "vmap" else list(flat)
-        return [v.detach().requires_grad_(True) for f in per for v in layout.views(f).values()]
+        if mode == "vmap":
+            return [v.detach().requires_grad_(True) for v in layout.views(flat).values()]
+        # Per slot, only the parameters its component samples need a gradient: a component
+        # on the last layer then skips the (costly) first-layer weight gradient.
+        return [
+            v.detach().requires_grad_(needs_grad[s // num_chains][j])
+            for s, f in enumerate(flat)
+            for j, v in enumerate(layout.views(f).values())
+        ]
 
     def losses_of(mode: str, leaves: list[torch.Tensor], batch: list[Any]) -> torch.Tensor:
         with autocast_context(theta.device, autocast):
@@ -273,7 +291,9 @@ def _grad(
     ``leaves`` are either one ``(slots, *shape)`` tensor per parameter (``stacked``, vmap)
     or one tensor per (slot, parameter), slot-major (loop); both flatten to the
     ``(slots, D)`` layout."""
-    grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+    wanted = [leaf for leaf in leaves if leaf.requires_grad]
+    found = iter(torch.autograd.grad(losses.sum(), wanted, allow_unused=True))
+    grads = [next(found) if leaf.requires_grad else None for leaf in leaves]
     if all(g is None for g in grads):
         raise ValueError(
             "The loss returned by `loss_fn` does not depend on any trainable parameter of "
