@@ -1,0 +1,895 @@
+r"""Choose the SGLD step size of an LLC estimate from short trial chains, and say why.
+
+An LLC estimate (Lau et al. 2023) is only as good as its step size ε. Too small, and the
+chains have not left w* by the end of burn-in: λ̂ is biased *low* and rises as ε grows.
+Too large, and the discretisation of the Langevin dynamics inflates the sampled variance:
+along a direction of curvature a = nβ·λ (λ an eigenvalue of the Hessian of L_n) the SGLD
+chain's stationary variance is 1/(a(1 − εa/4)) instead of 1/a, so λ̂ is biased *high* by
+about εa/4 of that direction's share, and beyond ε·nβ·λ_max = 4 the chains diverge. Between
+the two, λ̂ hardly depends on ε. :func:`calibrate` runs short chains over a grid of step sizes, finds
+that flat region and returns the largest step size inside it: the fastest-mixing chains
+whose discretisation bias is still negligible.
+
+The rule (:func:`choose`), in order:
+
+1. **Healthy points only.** A grid point counts if its chains did not diverge, λ̂ > 0, the
+   trace stopped drifting, and the MALA acceptance is at least ``min_acceptance`` (0.9 by
+   default, the literature's healthy value, stricter than the 0.5 at which
+   :func:`~slt_callbacks.core.llc.estimate_llc` merely warns). On the closed-form cases of
+   ``SLT_PRIMER`` §5, acceptance 0.95 went with ≈ +7 % bias and 0.88 with ≈ +25 %.
+2. **Neighbours agree.** Two neighbouring healthy step sizes ε₁ < ε₂ agree when
+   :math:`|\hat\lambda_2 - \hat\lambda_1| \le \max(s \cdot \log_{10}(\epsilon_2/\epsilon_1)
+   \cdot |\hat\lambda|,\; z \cdot \mathrm{se})`: the change is below ``max_slope`` = *s*
+   relative change per decade of step size, or within ``num_std_errors`` = *z* standard
+   errors, i.e. indistinguishable from noise. If λ̂ carries a bias linear in ε, a secant
+   slope *s* per decade over a half-decade step means a bias of about 0.73·*s* at the larger
+   step (0.2 per decade ↔ ≈ 15 %); under-mixing at small ε shows up as a steep rise and
+   fails the same test.
+3. **Largest step of the flat region.** The flat region is the longest run of consecutive
+   healthy grid points whose neighbours all agree (ties: the run at larger steps); the
+   recommendation is its largest step size.
+
+All grid points reuse the same seed by default (*common random numbers*): chain *c* sees the
+same minibatch order and the same noise draws at every step size, so neighbouring estimates
+are strongly correlated (0.8–0.98 per chain on the closed-form cases) and their difference
+is measured with a paired standard error 2–4× smaller than the unpaired one. Flatness is
+then a sharp test, not a test that passes because short chains are noisy.
+
+If no run of two agreeing points exists (the plateau is narrower than the grid spacing, or
+the calibration chains are too short to reach it), the healthy point where λ̂ depends least
+on ε (smallest mean relative slope to its grid neighbours) is recommended and the
+calibration is marked ``verified=False``. If no point is healthy, ``config`` is None and
+``reason`` says what to change. Both warn by default (``on_failure="warn"``), like an
+unhealthy LLC estimate; ``on_failure="raise"`` raises :class:`CalibrationError` instead.
+
+The default grid is centred on the primer's heuristic ε·nβ·λ_max = 0.1, spanning 1e-3 to 1
+in half-decades, with λ_max from a few power iterations of Hessian-vector products. At a
+point where the Hessian carries no scale (nβ·λ_max ≤ γ, e.g. the origin of a linear
+network, where it vanishes) a fixed grid from 1e-7 to 1e-2 is used instead.
+
+References:
+    E. Lau, Z. Furman, G. Wang, D. Murfet, S. Wei, "The Local Learning Coefficient: A
+    Singularity-Aware Complexity Measure", 2023 (SGLD estimator; step-size bias).
+    M. Welling, Y. W. Teh, "Bayesian Learning via Stochastic Gradient Langevin Dynamics",
+    ICML 2011.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import statistics
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .config import SGLDConfig
+from .data import build_pool
+from .diagnostics import HealthCriteria, Status
+from .functional import (
+    LossFn,
+    LossModule,
+    check_scalar_loss,
+    frozen_tensors,
+    loss_at,
+    module_mode,
+    trainable_parameters,
+)
+from .llc import LLCResult, OnFailure, estimate_llc
+
+__all__ = [
+    "DEFAULT_STEP_SIZES",
+    "Calibration",
+    "CalibrationError",
+    "CalibrationPoint",
+    "Choice",
+    "calibrate",
+    "choose",
+    "top_hessian_eigenvalue",
+]
+
+DEFAULT_STEP_SIZES: tuple[float, ...] = tuple(float(f"{10 ** (k / 2):.2g}") for k in range(-14, -3))
+"""The fixed grid, 1e-7 to 1e-2 in half-decades, used when the curvature gives no scale."""
+
+TARGET_STEP_CURVATURE = 0.1
+"""ε·nβ·λ_max at the centre of the curvature-based grid (the primer's "≲ 0.1" heuristic)."""
+
+CURVATURE_GRID_EXPONENTS = range(-4, 3)
+"""Half-decade offsets from the centre: ε·nβ·λ_max from 1e-3 to 1."""
+
+_HEALTHY_CRITERIA = HealthCriteria(min_acceptance=0.9)
+
+
+class CalibrationError(RuntimeError):
+    """Raised by ``calibrate(..., on_failure="raise")`` when no verified step size exists.
+
+    Attributes:
+        calibration: the full :class:`Calibration`, table included, for inspection.
+    """
+
+    def __init__(self, calibration: Calibration) -> None:
+        super().__init__(calibration.reason)
+        self.calibration = calibration
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationPoint:
+    """One grid point of a calibration: a short LLC estimate and its health.
+
+    Attributes:
+        step_size: ε.
+        n_beta: nβ actually used (the default n/log n resolved).
+        localization: γ.
+        llc_mean: λ̂, mean over the chains that stayed finite.
+        llc_std: standard deviation of λ̂ across those chains.
+        llc_per_chain: λ̂ of each chain (nan where it diverged); with a shared ``seed`` the
+            rule pairs chains across step sizes.
+        num_chains: chains run.
+        seed: the seed of this point's chains.
+        status: health of the estimate (:class:`~slt_callbacks.core.diagnostics.Status`).
+        reasons: why it is not healthy, with advice (empty when healthy).
+        acceptance: mean MALA-style acceptance.
+        drift: λ̂ of the second half of the draws minus λ̂ of the first half.
+        frac_below_init: fraction of draws whose loss fell below L_n(w*).
+        num_diverged: chains whose loss became non-finite.
+        healthy: whether the rule may use this point (``status`` is healthy).
+        step_curvature: ε·nβ·λ_max, nan when λ_max was not estimated (keep it ≲ 0.1).
+        chosen: whether this is the recommended point.
+        seconds: wall time of this point.
+    """
+
+    step_size: float
+    n_beta: float
+    localization: float
+    llc_mean: float
+    llc_std: float
+    llc_per_chain: tuple[float, ...] = ()
+    num_chains: int = 0
+    seed: int | None = None
+    status: Status = Status.HEALTHY
+    reasons: tuple[str, ...] = ()
+    acceptance: float = float("nan")
+    drift: float = float("nan")
+    frac_below_init: float = float("nan")
+    num_diverged: int = 0
+    healthy: bool = True
+    step_curvature: float = float("nan")
+    chosen: bool = False
+    seconds: float = float("nan")
+
+    @classmethod
+    def from_result(
+        cls, result: LLCResult, *, seed: int | None, step_curvature: float
+    ) -> CalibrationPoint:
+        """Summarise an :class:`~slt_callbacks.core.llc.LLCResult` as a table row."""
+        return cls(
+            step_size=result.config.step_size,
+            n_beta=result.n_beta,
+            localization=result.config.localization,
+            llc_mean=result.llc_mean,
+            llc_std=result.llc_std,
+            llc_per_chain=tuple(float(v) for v in result.llc_per_chain),
+            num_chains=result.config.num_chains,
+            seed=seed,
+            status=result.status,
+            reasons=result.reasons,
+            acceptance=result.acceptance,
+            drift=result.drift,
+            frac_below_init=result.frac_below_init,
+            num_diverged=result.num_diverged,
+            healthy=result.healthy and math.isfinite(result.llc_mean),
+            step_curvature=step_curvature,
+            seconds=result.seconds,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (status as its short code), e.g. for a ``wandb.Table`` row."""
+        out = asdict(self)
+        out["status"] = self.status.value
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """The outcome of :func:`calibrate`: a recommended config, and the evidence for it.
+
+    Attributes:
+        config: the recommended :class:`~slt_callbacks.core.config.SGLDConfig`: ``base`` with
+            the chosen ``step_size`` (and ``n_beta`` / ``localization`` where those were
+            swept). None when no grid point was healthy.
+        table: every grid point, sorted by localization, nβ, then step size.
+        chosen_index: index of the recommended point in ``table``, or None.
+        verified: True when the chosen point lies in a flat region (see :func:`choose`);
+            False when it is a fallback or there is none.
+        rule: the selection rule, as a sentence.
+        reason: why this point (or why none), with advice.
+        grid: how the step sizes were chosen.
+        top_eigenvalue: λ_max of the Hessian of L_n at w* (largest in magnitude), from
+            power iteration; nan when not estimated.
+        criteria: the health thresholds the table was judged by.
+        seconds: wall time of the whole calibration.
+    """
+
+    config: SGLDConfig | None
+    table: tuple[CalibrationPoint, ...]
+    chosen_index: int | None
+    verified: bool
+    rule: str
+    reason: str
+    grid: str = ""
+    top_eigenvalue: float = float("nan")
+    criteria: HealthCriteria = field(default_factory=lambda: _HEALTHY_CRITERIA)
+    seconds: float = float("nan")
+
+    @property
+    def chosen(self) -> CalibrationPoint | None:
+        """The recommended grid point, or None."""
+        return None if self.chosen_index is None else self.table[self.chosen_index]
+
+    def to_markdown(self) -> str:
+        """The table as GitHub markdown, the chosen row marked, with the rule and reason."""
+        head = ("| ε | nβ | γ | ε·nβ·λ_max | λ̂ | std | acceptance | drift | below w* "
+                "| diverged | status | chosen |")
+        lines = [head, "|" + "---|" * 12]
+        for p in self.table:
+            cells = [
+                f"{p.step_size:.2g}", f"{p.n_beta:.4g}", f"{p.localization:g}",
+                _fmt(p.step_curvature, ".2g"), _fmt(p.llc_mean, ".4g"), _fmt(p.llc_std, ".3g"),
+                _fmt(p.acceptance, ".3f"), _fmt(p.drift, "+.3g"), _fmt(p.frac_below_init, ".2f"),
+                f"{p.num_diverged}/{p.num_chains}", p.status.value, "**←**" if p.chosen else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"Grid: {self.grid}", f"Rule: {self.rule}", f"Choice: {self.reason}"]
+        return "\n".join(lines)
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "–" if not math.isfinite(value) else format(value, spec)
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+class Choice(NamedTuple):
+    """What :func:`choose` returns.
+
+    Attributes:
+        index: the recommended row of the table, or None when no row is healthy.
+        reason: a sentence saying why (or why none), with advice.
+        verified: whether the row lies in a flat region (False for a fallback or None).
+    """
+
+    index: int | None
+    reason: str
+    verified: bool
+
+
+def rule_text(*, max_slope: float, num_std_errors: float, min_acceptance: float) -> str:
+    """The rule of :func:`choose` with its parameters, as one sentence."""
+    return (
+        f"Among healthy points (no divergence, λ̂ > 0, no drift, acceptance ≥ "
+        f"{min_acceptance:g}), take the longest run of consecutive step sizes whose "
+        f"neighbours agree (λ̂ changes by at most {max_slope:.0%} per decade of step size, "
+        f"or by less than {num_std_errors:g} standard errors, paired across chains), and "
+        "choose the largest step size in it: flat means the discretisation bias is "
+        "negligible, largest means the chains mix fastest. Without such a run, the healthy "
+        "point where λ̂ depends least on the step size is chosen, marked unverified."
+    )
+
+
+def choose(
+    table: Sequence[CalibrationPoint],
+    *,
+    max_slope: float = 0.2,
+    num_std_errors: float = 2.0,
+) -> Choice:
+    """Pick the recommended grid point of a calibration table; a pure function.
+
+    Points are grouped into series of equal ``(localization, n_beta)`` and sorted by step
+    size. Series are tried in order of increasing localization (the least-biased first;
+    a larger γ keeps chains healthy but biases λ̂ low), then of first appearance of nβ; the
+    first series with a flat region wins. Within a series the rule is the module's
+    (see :mod:`slt_callbacks.core.calibrate`): among ``healthy`` points, the longest run of
+    consecutive grid points whose neighbours agree, and its largest step size.
+
+    Neighbours ε₁ < ε₂ agree when ``|λ̂₂ − λ̂₁| <= max(max_slope · log10(ε₂/ε₁) · scale,
+    num_std_errors · se)``, with ``scale`` the mean of ``|λ̂₁|`` and ``|λ̂₂|`` and ``se``
+    the standard error of the difference: paired (``std(λ̂₂,c − λ̂₁,c) / √chains``) when
+    both points ran the same chains from the same seed, else ``√(s₁²/C₁ + s₂²/C₂)``.
+
+    Args:
+        table: the grid points; only ``step_size``, ``n_beta``, ``localization``,
+            ``llc_mean``, ``llc_std``, ``llc_per_chain``, ``num_chains``, ``seed`` and
+            ``healthy`` are read.
+        max_slope: tolerated relative change of λ̂ per decade of step size.
+        num_std_errors: differences within this many standard errors count as noise.
+
+    Returns:
+        A :class:`Choice` ``(index, reason, verified)``: the index into ``table`` (None
+        when no point is healthy), a sentence saying why, and whether the choice lies in a
+        flat region. With healthy points but no agreeing pair, the flattest healthy point
+        (smallest mean relative slope of λ̂ to its finite grid neighbours) of the first
+        series that has a healthy point is returned with ``verified=False``.
+
+    Example:
+        >>> rows = [CalibrationPoint(step_size=e, n_beta=100.0, localization=1.0,
+        ...                          llc_mean=m, llc_std=0.1, num_chains=4)
+        ...         for e, m in [(1e-5, 1.0), (1e-4, 2.9), (1e-3, 3.0), (1e-2, 5.0)]]
+        >>> choose(rows)[0]
+        2
+    """
+    _check_nonnegative_float("max_slope", max_slope)
+    _check_nonnegative_float("num_std_errors", num_std_errors)
+    series = _series(table)
+    if not any(table[i].healthy for indices in series for i in indices):
+        return Choice(None, _no_healthy_reason(table), False)
+    for indices in series:
+        run = _longest_flat_run(table, indices, max_slope, num_std_errors)
+        if run:
+            best = run[-1]
+            p = table[best]
+            reason = (
+                f"ε = {p.step_size:.2g} is the largest step of the flat region "
+                f"{table[run[0]].step_size:.2g}–{p.step_size:.2g} ({len(run)} agreeing "
+                f"healthy points, λ̂ = {_span(table, run)}) at nβ = {p.n_beta:.4g}, "
+                f"γ = {p.localization:g}."
+            )
+            return Choice(best, reason + _skipped_note(table, series, indices), True)
+    indices = next(s for s in series if any(table[i].healthy for i in s))
+    best, slope = _flattest(table, indices)
+    p = table[best]
+    where = (f"ε = {p.step_size:.2g} (nβ = {p.n_beta:.4g}, γ = {p.localization:g})")
+    if math.isfinite(slope):
+        why = (f"No two neighbouring healthy step sizes agree, so flatness is not verified; "
+               f"chose the healthy point where λ̂ depends least on the step size, {where}, "
+               f"where it changes by {slope:.0%} per decade.")
+    else:
+        why = (f"Only one healthy point, {where}, with no finite neighbour: flatness could "
+               "not be checked.")
+    return Choice(best, why + (
+        " Lengthen the calibration chains (num_burnin_steps, num_draws) or refine the grid "
+        "around it, and check the full estimate's diagnostics."
+    ), False)
+
+
+def _flattest(table: Sequence[CalibrationPoint], indices: list[int]) -> tuple[int, float]:
+    """The healthy point of a series with the smallest mean |relative slope| of λ̂ to its
+    finite grid neighbours (healthy or not: an under-mixed or coarse neighbour still shows
+    the trend); ties go to the larger step. Returns ``(index, slope per decade)``."""
+    best, best_slope = -1, math.inf
+    for k, i in enumerate(indices):
+        if not table[i].healthy:
+            continue
+        slopes = [
+            _relative_slope(table[i], table[indices[j]])
+            for j in (k - 1, k + 1)
+            if 0 <= j < len(indices) and math.isfinite(table[indices[j]].llc_mean)
+        ]
+        slope = statistics.fmean(slopes) if slopes else math.inf
+        if best < 0 or slope <= best_slope:
+            best, best_slope = i, slope
+    return best, best_slope
+
+
+def _relative_slope(a: CalibrationPoint, b: CalibrationPoint) -> float:
+    scale = 0.5 * (abs(a.llc_mean) + abs(b.llc_mean))
+    decades = abs(math.log10(b.step_size / a.step_size))
+    if scale == 0 or decades == 0:
+        return math.inf
+    return abs(b.llc_mean - a.llc_mean) / scale / decades
+
+
+def _series(table: Sequence[CalibrationPoint]) -> list[list[int]]:
+    """Indices grouped by (localization, n_beta), each sorted by step size."""
+    order: dict[tuple[float, float], list[int]] = {}
+    for i, p in enumerate(table):
+        order.setdefault((p.localization, p.n_beta), []).append(i)
+    keys = sorted(order, key=lambda k: k[0])  # stable: nβ keeps first-appearance order
+    return [sorted(order[k], key=lambda i: table[i].step_size) for k in keys]
+
+
+def _longest_flat_run(
+    table: Sequence[CalibrationPoint],
+    indices: list[int],
+    max_slope: float,
+    num_std_errors: float,
+) -> list[int]:
+    """The longest run (≥ 2 points) of consecutive healthy points whose neighbours agree;
+    ties go to the run at larger step sizes. Empty if there is none."""
+    best: list[int] = []
+    run: list[int] = []
+    for i in indices:
+        p = table[i]
+        if not p.healthy:
+            run = []
+            continue
+        if run and not agree(table[run[-1]], p, max_slope=max_slope,
+                             num_std_errors=num_std_errors):
+            run = []
+        run = [*run, i]
+        if len(run) >= 2 and len(run) >= len(best):
+            best = run
+    return best
+
+
+def agree(
+    lower: CalibrationPoint,
+    upper: CalibrationPoint,
+    *,
+    max_slope: float,
+    num_std_errors: float,
+) -> bool:
+    """Whether λ̂ at two step sizes agrees (see :func:`choose` for the tolerance)."""
+    if not (math.isfinite(lower.llc_mean) and math.isfinite(upper.llc_mean)):
+        return False
+    diff = abs(upper.llc_mean - lower.llc_mean)
+    decades = abs(math.log10(upper.step_size / lower.step_size))
+    scale = 0.5 * (abs(lower.llc_mean) + abs(upper.llc_mean))
+    se = difference_std_error(lower, upper)
+    noise = num_std_errors * se if math.isfinite(se) else 0.0
+    return diff <= max(max_slope * decades * scale, noise)
+
+
+def difference_std_error(a: CalibrationPoint, b: CalibrationPoint) -> float:
+    """Standard error of ``b.llc_mean − a.llc_mean``; paired across chains when both ran
+    the same chains from the same seed (common random numbers), else unpaired."""
+    pa, pb = a.llc_per_chain, b.llc_per_chain
+    paired = (
+        a.seed is not None and a.seed == b.seed and len(pa) == len(pb) >= 2
+        and all(math.isfinite(v) for v in (*pa, *pb))
+    )
+    if paired:
+        diffs = [y - x for x, y in zip(pa, pb, strict=True)]
+        return statistics.stdev(diffs) / math.sqrt(len(diffs))
+    if a.num_chains < 2 or b.num_chains < 2:
+        return float("nan")
+    return math.sqrt(a.llc_std**2 / a.num_chains + b.llc_std**2 / b.num_chains)
+
+
+def _span(table: Sequence[CalibrationPoint], run: list[int]) -> str:
+    values = [table[i].llc_mean for i in run]
+    return f"{min(values):.3g}–{max(values):.3g}"
+
+
+def _skipped_note(
+    table: Sequence[CalibrationPoint], series: list[list[int]], chosen: list[int]
+) -> str:
+    before = series[: series.index(chosen)]
+    if not before:
+        return ""
+    skipped = ", ".join(
+        f"(nβ = {table[s[0]].n_beta:.4g}, γ = {table[s[0]].localization:g})" for s in before
+    )
+    return f" Series tried first had no flat region: {skipped}."
+
+
+def _no_healthy_reason(table: Sequence[CalibrationPoint]) -> str:
+    if not table:
+        return "The table is empty; there is nothing to choose from."
+    if all(p.status is Status.ALL_DIVERGED for p in table):
+        return (
+            "Every grid point diverged: all step sizes are too large for this model. Add "
+            f"smaller step sizes (the smallest tried was {min(p.step_size for p in table):.2g})."
+        )
+    counts: dict[str, int] = {}
+    for p in table:
+        counts[p.status.value] = counts.get(p.status.value, 0) + 1
+    summary = ", ".join(f"{n}× {s}" for s, n in sorted(counts.items()))
+    advice = []
+    if Status.NOT_A_MINIMUM.value in counts:
+        advice.append("w* may not be a local minimum (still training): try larger "
+                      "`localizations`")
+    if Status.LOW_ACCEPTANCE.value in counts:
+        advice.append("lower acceptance may be unavoidable with minibatch noise: relax "
+                      "`criteria=HealthCriteria(min_acceptance=...)` or use larger batches")
+    if Status.NOT_CONVERGED.value in counts:
+        advice.append("chains still drift: lengthen `num_burnin_steps`")
+    return (
+        f"No grid point was healthy ({summary}); no step size is recommended. "
+        + ("; ".join(advice) + "." if advice else "Inspect the table's reasons.")
+    )
+
+
+# --------------------------------------------------------------------------- curvature
+
+
+def top_hessian_eigenvalue(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    generator: torch.Generator,
+    num_iterations: int = 20,
+    rtol: float = 1e-3,
+) -> float:
+    r"""The largest-magnitude eigenvalue of the Hessian of ``loss_fn`` at the current weights,
+    by power iteration on Hessian-vector products.
+
+    Each product :math:`Hv` is reverse-over-reverse (:func:`torch.func.vjp` of
+    :func:`torch.func.grad`; forward-over-reverse fails with ``F.mse_loss``), the gradient
+    being linearised once. Iteration stops when the Rayleigh quotient :math:`v^\top H v`
+    changes by less than ``rtol`` relatively. The model is left untouched (evaluated with
+    :func:`torch.func.functional_call` in eval mode) and the global RNG is not used.
+
+    Args:
+        model: the network.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the mean loss.
+        batch: one batch as ``loss_fn`` takes it.
+        generator: draws the start vector; on the parameters' device.
+        num_iterations: at most this many products.
+        rtol: relative tolerance of the stopping test.
+
+    Returns:
+        The Rayleigh quotient at the last iterate (signed: negative at a saddle whose
+        steepest direction is downhill); 0.0 when :math:`H v` vanishes.
+
+    Example:
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> loss_fn = lambda m, b: 0.5 * (m(b) ** 2).sum(-1).mean()
+        >>> round(top_hessian_eigenvalue(model, loss_fn, x,
+        ...                              generator=torch.Generator().manual_seed(0)), 3)
+        2.0
+    """
+    _check_int("num_iterations", num_iterations, minimum=1)
+    params = trainable_parameters(model)
+    primals = {name: p.detach() for name, p in params.items()}
+    fixed = frozen_tensors(model)
+    wrapper = LossModule(model, loss_fn)
+
+    def loss(trainable: dict[str, torch.Tensor]) -> torch.Tensor:
+        return check_scalar_loss(loss_at(wrapper, {**fixed, **trainable}, batch))
+
+    device = next(iter(primals.values())).device
+    fork_devices = [device] if device.type == "cuda" else []
+    with module_mode(model, train=False), torch.random.fork_rng(devices=fork_devices), \
+            torch.enable_grad():
+        _, hvp = torch.func.vjp(torch.func.grad(loss), primals)
+        v = {
+            n: torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
+            for n, p in primals.items()
+        }
+        v = _normalised(v)
+        value = 0.0
+        for _ in range(num_iterations):
+            (hv,) = hvp(v)
+            new = float(sum((v[n] * hv[n]).sum() for n in v))
+            norm = math.sqrt(float(sum(h.square().sum() for h in hv.values())))
+            if norm == 0.0 or not math.isfinite(norm):
+                return 0.0 if norm == 0.0 else float("nan")
+            converged = abs(new - value) <= rtol * abs(new)
+            value = new
+            if converged:
+                break
+            v = {n: h / norm for n, h in hv.items()}
+    return value
+
+
+def _normalised(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    norm = math.sqrt(float(sum(t.square().sum() for t in v.values())))
+    return {n: t / norm for n, t in v.items()}
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def calibrate(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Any],
+    *,
+    base: SGLDConfig | None = None,
+    step_sizes: Sequence[float] | None = None,
+    n_betas: Sequence[float] | None = None,
+    localizations: Sequence[float] | None = None,
+    num_draws: int = 500,
+    num_burnin_steps: int = 500,
+    num_chains: int = 8,
+    seed: int = 0,
+    common_random_numbers: bool = True,
+    max_slope: float = 0.2,
+    num_std_errors: float = 2.0,
+    criteria: HealthCriteria | None = None,
+    num_power_iterations: int = 20,
+    on_failure: OnFailure = "warn",
+) -> Calibration:
+    """Choose the SGLD step size (and optionally nβ and γ) for LLC estimates of ``model``.
+
+    Runs one short LLC estimate per grid point (``step_sizes`` × ``n_betas`` ×
+    ``localizations``), judges each with the health checks, and applies :func:`choose`: the
+    largest step size of the region where λ̂ does not depend on the step size. The module
+    docstring states the rule and why; :meth:`Calibration.to_markdown` and
+    :func:`slt_callbacks.plots.plot_calibration` show the evidence.
+
+    Calibrate once, at a representative checkpoint (a trained model, not the random
+    initialisation), and keep the resulting config for every checkpoint of the run: LLC
+    values are only comparable at equal ε, nβ and γ.
+
+    Args:
+        model: the network at w*; left exactly as it was, and the global RNG untouched.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the mean loss on ``batch``.
+        data: an iterable of batches, drawn once into a pool that every grid point shares
+            (so a shuffling DataLoader cannot give grid points different L_n).
+        base: every field of the recommendation that is not calibrated (chain count and
+            length of the full estimate, dtype, backend, ...); default ``SGLDConfig()``.
+        step_sizes: the ε grid; default: centred on ε·nβ·λ_max = 0.1, 1e-3 to 1 in
+            half-decades, or :data:`DEFAULT_STEP_SIZES` where the Hessian at w* gives no
+            scale (nβ·λ_max ≤ γ).
+        n_betas: nβ values to sweep; default ``[base.n_beta]`` (not swept).
+        localizations: γ values to sweep; default ``[base.localization]``.
+        num_draws: draws per calibration chain.
+        num_burnin_steps: burn-in steps per calibration chain. Chains too short to mix
+            at the plateau leave it narrower than the grid spacing and the choice
+            unverified; 500 + 500 verified all of the primer's linear-network cases.
+        num_chains: chains per grid point; more than a routine estimate because the rule
+            needs the standard error of λ̂ differences (chains are batched, so on small
+            models they cost little). At least 2.
+        seed: the only source of randomness; the same seed gives the same calibration.
+        common_random_numbers: every grid point uses ``seed`` itself, so differences
+            between step sizes are paired (see the module docstring). False: one seed per
+            grid point, drawn from a generator seeded with ``seed``.
+        max_slope: tolerated relative change of λ̂ per decade of step size.
+        num_std_errors: differences within this many standard errors count as noise.
+        criteria: health thresholds; default ``HealthCriteria(min_acceptance=0.9)``.
+        num_power_iterations: Hessian-vector products spent on λ_max; 0 skips it (then the
+            default grid is :data:`DEFAULT_STEP_SIZES`).
+        on_failure: when no verified step size exists (no healthy point, or no flat
+            region): ``"warn"`` (default) and return, ``"raise"`` :class:`CalibrationError`,
+            or ``"ignore"``.
+
+    Returns:
+        A :class:`Calibration`; ``.config`` is None when no grid point was healthy.
+
+    Raises:
+        ValueError: a bad argument, named in the message.
+        CalibrationError: with ``on_failure="raise"``, when the choice is not verified.
+
+    Example:
+        >>> x = torch.randn(1024, 3, generator=torch.Generator().manual_seed(0))
+        >>> model = nn.Linear(3, 2, bias=False)
+        >>> data = [(x[i:i + 256], model(x[i:i + 256]).detach()) for i in range(0, 1024, 256)]
+        >>> loss_fn = lambda m, b: 0.5 * ((m(b[0]) - b[1]) ** 2).sum(-1).mean()
+        >>> cal = calibrate(model, loss_fn, data, base=SGLDConfig(localization=1.0),
+        ...                 num_draws=100, num_burnin_steps=50, on_failure="ignore")
+        >>> cal.config is None or cal.config.step_size in [p.step_size for p in cal.table]
+        True
+    """
+    start = time.perf_counter()
+    base = SGLDConfig() if base is None else base
+    _check_arguments(model, loss_fn, base, num_draws, num_burnin_steps, num_chains, seed,
+                     common_random_numbers, num_power_iterations, on_failure)
+    criteria = _HEALTHY_CRITERIA if criteria is None else criteria
+    if not isinstance(criteria, HealthCriteria):
+        raise ValueError(
+            f"Expected argument `criteria` to be a HealthCriteria but got "
+            f"{type(criteria).__name__}."
+        )
+    choose([], max_slope=max_slope, num_std_errors=num_std_errors)  # validates both
+    steps = None if step_sizes is None else _check_grid("step_sizes", step_sizes)
+    betas = [base.n_beta] if n_betas is None else _check_grid("n_betas", n_betas)
+    gammas = ([base.localization] if localizations is None
+              else _check_grid("localizations", localizations, allow_zero=True))
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError(
+            "Expected `model` to have trainable parameters (requires_grad=True) but it has none."
+        )
+
+    # One pool for every grid point: a shuffling DataLoader must not change L_n between them.
+    device = next(iter(params.values())).device
+    pool = build_pool(data, num_batches=base.num_batches, device=device)
+    batches = [pool.batch(i) for i in range(pool.num_batches)]
+    lam_max = float("nan")
+    if num_power_iterations:
+        lam_max = top_hessian_eigenvalue(
+            model, loss_fn, batches[0], num_iterations=num_power_iterations,
+            generator=torch.Generator(device=device).manual_seed(seed),
+        )
+    trial = replace(base, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
+                    num_chains=num_chains)
+    plan, grid_note = _plan(steps, betas, gammas, trial, pool.num_samples, lam_max,
+                            num_power_iterations)
+    rows = _run_grid(model, loss_fn, batches, trial, plan, criteria, lam_max,
+                     _seeds(seed, len(plan), common_random_numbers))
+
+    index, reason, verified = choose(rows, max_slope=max_slope, num_std_errors=num_std_errors)
+    recommended = None
+    if index is not None:
+        rows[index] = replace(rows[index], chosen=True)
+        p = rows[index]
+        recommended = replace(base, step_size=p.step_size, localization=p.localization,
+                              n_beta=base.n_beta if n_betas is None else p.n_beta)
+    calibration = Calibration(
+        config=recommended,
+        table=tuple(rows),
+        chosen_index=index,
+        verified=verified,
+        rule=rule_text(max_slope=max_slope, num_std_errors=num_std_errors,
+                       min_acceptance=criteria.min_acceptance),
+        reason=reason,
+        grid=grid_note,
+        top_eigenvalue=lam_max,
+        criteria=criteria,
+        seconds=time.perf_counter() - start,
+    )
+    _handle_failure(calibration, on_failure)
+    return calibration
+
+
+def _plan(
+    steps: list[float] | None,
+    betas: list[float | None],
+    gammas: list[float],
+    trial: SGLDConfig,
+    num_samples: int,
+    lam_max: float,
+    num_power_iterations: int,
+) -> tuple[list[tuple[float, float | None, float]], str]:
+    """Grid points ``(ε, requested nβ, γ)`` in table order (γ, then nβ as given, then ε),
+    and a sentence saying how the step sizes were chosen."""
+    plan: list[tuple[float, float | None, float]] = []
+    notes: list[str] = []
+    for gamma in sorted(gammas):
+        for beta in betas:
+            resolved = replace(trial, n_beta=beta).resolved_n_beta(num_samples)
+            grid, note = _step_grid(steps, resolved, gamma, lam_max, num_power_iterations)
+            if note not in notes:
+                notes.append(note)
+            plan += [(eps, beta, gamma) for eps in grid]
+    return plan, " ".join(notes)
+
+
+def _run_grid(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: list[Any],
+    trial: SGLDConfig,
+    plan: list[tuple[float, float | None, float]],
+    criteria: HealthCriteria,
+    lam_max: float,
+    seeds: list[int],
+) -> list[CalibrationPoint]:
+    """One short LLC estimate per grid point, summarised as table rows."""
+    rows: list[CalibrationPoint] = []
+    backend = trial.backend
+    for (eps, beta, gamma), seed in zip(plan, seeds, strict=True):
+        config = replace(trial, step_size=eps, n_beta=beta, localization=gamma,
+                         backend=backend)
+        result = estimate_llc(model, loss_fn, batches, config=config, seed=seed,
+                              on_failure="ignore", criteria=criteria)
+        if backend == "auto" and result.backend == "loop":
+            backend = "loop"  # vmap failed once: do not retry (and warn) at every point
+        rows.append(CalibrationPoint.from_result(
+            result, seed=seed, step_curvature=eps * result.n_beta * abs(lam_max)))
+    return rows
+
+
+def _step_grid(
+    steps: list[float] | None,
+    n_beta: float,
+    localization: float,
+    lam_max: float,
+    num_power_iterations: int,
+) -> tuple[list[float], str]:
+    if steps is not None:
+        return sorted(steps), f"given: {len(steps)} step sizes."
+    scale = n_beta * abs(lam_max)
+    if math.isfinite(scale) and scale > localization:
+        centre = TARGET_STEP_CURVATURE / scale
+        grid = [float(f"{centre * 10 ** (k / 2):.2g}") for k in CURVATURE_GRID_EXPONENTS]
+        return sorted(set(grid)), (
+            f"centred on ε·nβ·λ_max = {TARGET_STEP_CURVATURE:g} (ε = {centre:.2g} at "
+            f"nβ = {n_beta:.4g}, λ_max = {lam_max:.3g} by power iteration), "
+            "ε·nβ·λ_max from 1e-3 to 1 in half-decades."
+        )
+    why = ("curvature not estimated (num_power_iterations=0)" if not num_power_iterations
+           else f"the Hessian at w* gives no scale (nβ·λ_max = {scale:.2g} ≤ γ = "
+                f"{localization:g})")
+    return list(DEFAULT_STEP_SIZES), (
+        f"fixed log grid 1e-7 to 1e-2 in half-decades: {why}."
+    )
+
+
+def _seeds(seed: int, count: int, common: bool) -> list[int]:
+    if common:
+        return [seed] * count
+    g = torch.Generator().manual_seed(seed)
+    return [int(s) for s in torch.randint(0, 2**62, (count,), generator=g)]
+
+
+def _handle_failure(calibration: Calibration, on_failure: OnFailure) -> None:
+    if calibration.verified or on_failure == "ignore":
+        return
+    if on_failure == "raise":
+        raise CalibrationError(calibration)
+    warnings.warn(f"calibrate: {calibration.reason}", stacklevel=3)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_arguments(
+    model: Any,
+    loss_fn: Any,
+    base: Any,
+    num_draws: Any,
+    num_burnin_steps: Any,
+    num_chains: Any,
+    seed: Any,
+    common_random_numbers: Any,
+    num_power_iterations: Any,
+    on_failure: Any,
+) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"Expected argument `model` to be a torch.nn.Module but got {type(model).__name__}."
+        )
+    if not callable(loss_fn):
+        raise ValueError(
+            "Expected argument `loss_fn` to be a callable loss_fn(model, batch) -> scalar "
+            f"Tensor but got {type(loss_fn).__name__}."
+        )
+    if not isinstance(base, SGLDConfig):
+        raise ValueError(
+            f"Expected argument `base` to be an SGLDConfig or None but got "
+            f"{type(base).__name__}."
+        )
+    _check_int("num_draws", num_draws, minimum=2)
+    _check_int("num_burnin_steps", num_burnin_steps, minimum=0)
+    _check_int("num_chains", num_chains, minimum=2)
+    _check_int("seed", seed, minimum=0)
+    _check_int("num_power_iterations", num_power_iterations, minimum=0)
+    if not isinstance(common_random_numbers, bool):
+        raise ValueError(
+            "Expected argument `common_random_numbers` to be a bool but got "
+            f"{common_random_numbers!r}."
+        )
+    if on_failure not in ("warn", "raise", "ignore"):
+        raise ValueError(
+            "Expected argument `on_failure` to be 'warn', 'raise' or 'ignore' but got "
+            f"{on_failure!r}."
+        )
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Expected argument `{name}` to be an int >= {minimum} but got {value!r}.")
+
+
+def _check_nonnegative_float(name: str, value: Any) -> None:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value >= 0)
+    if not ok:
+        raise ValueError(
+            f"Expected argument `{name}` to be a non-negative finite float but got {value!r}."
+        )
+
+
+def _check_grid(name: str, values: Any, *, allow_zero: bool = False) -> list[float]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(
+            f"Expected argument `{name}` to be a sequence of floats but got "
+            f"{type(values).__name__}."
+        )
+    values = list(values)
+    if not values:
+        raise ValueError(f"Expected argument `{name}` to hold at least one value but got [].")
+    bound = "non-negative" if allow_zero else "positive"
+    for v in values:
+        ok = (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+              and (v >= 0 if allow_zero else v > 0))
+        if not ok:
+            raise ValueError(
+                f"Expected argument `{name}` to hold {bound} finite floats but got {v!r} in "
+                f"{values!r}."
+            )
+    floats = [float(v) for v in values]
+    if len(set(floats)) != len(floats):
+        raise ValueError(f"Expected argument `{name}` to hold distinct values but got "
+                         f"{values!r}.")
+    return floats
