@@ -8,8 +8,8 @@ in that same process right before it, so every ratio compares numbers from one r
 Rows:
 - ``slt_callbacks`` with the vmap and loop backends, fp32 and with bf16 autocast;
 - a straightforward sequential SGLD loop (one chain after another, per-parameter updates);
-- devinterp 2.0.1's ``estimate_learning_coeff_with_summary`` when it is importable (never a
-  dependency: install it in a separate venv to fill that row).
+- devinterp 2.0.1's ``llc()`` when it is importable (never a dependency: run this script
+  from a separate venv that has it, e.g. ``DEVINTERP_PYTHON=/path/to/venv/bin/python``).
 Then the scaling with the number of chains, and K restricted components in one batched call
 against K + 1 separate runs.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -131,26 +132,40 @@ def ours(model, batches, chains, steps, device, backend, autocast, components=No
 
 
 def devinterp_run(model, batches, chains: int, steps: int, device: str) -> float:
-    from devinterp.optim import SGLD
-    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+    """devinterp 2.0.1 ``llc()`` on the same MLP, data and settings.
 
-    def evaluate(m, data):
-        return loss_fn(m, data), {}
+    devinterp accepts only Hugging Face datasets with an ``input_ids`` column, so each sample
+    is encoded as ``input_ids = [index, 0]`` and the per-token loss function looks the sample
+    up (an index_select of 256 rows: negligible next to the forward pass). Observables are
+    the minimum it allows: the same dataset, one batch per draw."""
+    from datasets import Dataset
+    from devinterp.slt.llc import llc
+
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    ids = [[i, 0] for i in range(len(x))]
+    dataset = Dataset.from_dict({"input_ids": ids}).with_format("torch")
+
+    def per_token_loss(m, input_ids):
+        idx = input_ids[:, 0].to(x.device)
+        return F.cross_entropy(m(x[idx]), y[idx], reduction="none")[:, None]
 
     start = time.perf_counter()
-    estimate_learning_coeff_with_summary(
+    llc(
         model,
-        loader=batches,
-        evaluate=evaluate,
-        sampling_method=SGLD,
-        optimizer_kwargs=dict(lr=1e-5, localization=100.0, nbeta=100.0),
+        dataset,
+        {"train": (dataset, 1)},
+        lr=1e-5,
+        n_beta=100.0,
+        localization=100.0,
         num_chains=chains,
         num_draws=steps,
         num_burnin_steps=0,
-        num_steps_bw_draws=1,
+        batch_size=BATCH,
+        num_init_loss_batches=1,
+        batches_per_draw=1,
         device=device,
-        online=False,
-        verbose=False,
+        loss_fn=per_token_loss,
     )
     sync(device)
     return time.perf_counter() - start
@@ -226,6 +241,8 @@ def run(
     ]
     if autocast:
         cmd += ["--autocast", autocast]
+    if method == "devinterp":
+        cmd[0] = os.environ.get("DEVINTERP_PYTHON", sys.executable)
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         print(f"  ({method}: failed: {out.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
@@ -234,11 +251,9 @@ def run(
 
 
 def has_devinterp() -> bool:
-    try:
-        import devinterp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    python = os.environ.get("DEVINTERP_PYTHON", sys.executable)
+    probe = subprocess.run([python, "-c", "import devinterp, datasets"], capture_output=True)
+    return probe.returncode == 0
 
 
 def main() -> None:
