@@ -150,7 +150,11 @@ def hessian_trace(
             (hv,) = hvp(v)
             return sum((v[name] * hv[name]).sum() for name in v)
 
-        values = torch.func.vmap(quadratic_form, chunk_size=chunk_size)(probes)  # (probe,)
+        # randomness="different": a training_step may draw random numbers (global RNG, which
+        # the surrounding fork_rng isolates); vmap refuses random ops by default.
+        values = torch.func.vmap(quadratic_form, chunk_size=chunk_size, randomness="different")(
+            probes
+        )  # (probe,)
     return TraceEstimate.from_samples(values)
 
 
@@ -228,7 +232,9 @@ def fisher_trace(
     rows = tuple(leaves[i] for i in batched)
     with module_mode(model, train=False), _preserve_rng(next(iter(primals.values())).device):
         _check_loss(wrapper, fixed, primals, batch)
-        values = torch.func.vmap(squared_grad_norm, chunk_size=chunk_size)(rows)  # (sample,)
+        values = torch.func.vmap(
+            squared_grad_norm, chunk_size=chunk_size, randomness="different"
+        )(rows)  # (sample,)
     return TraceEstimate.from_samples(values)
 
 

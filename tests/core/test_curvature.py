@@ -332,3 +332,20 @@ def test_fisher_rejects_bad_batches():
         fisher_trace(mlp(), mse, (x, y[:5]))
     with pytest.raises(ValueError, match="`batch` to contain at least one tensor"):
         fisher_trace(mlp(), lambda m, b: m(x).mean(), {"n": 3})
+
+
+def test_losses_that_draw_random_numbers_work_and_keep_global_rng():
+    """A training_step may use dropout-like noise from the global RNG; vmap must be told
+    (randomness="different") and the caller's RNG state must survive."""
+    model = nn.Linear(3, 1)
+
+    def noisy_loss(m, b):
+        return ((m(b) + 0.01 * torch.rand(b.shape[0], 1)) ** 2).mean()
+
+    batch = torch.randn(8, 3)
+    state = torch.get_rng_state()
+    h = hessian_trace(model, noisy_loss, batch, num_probes=4,
+                      generator=torch.Generator().manual_seed(0))
+    f = fisher_trace(model, noisy_loss, batch)
+    assert math.isfinite(h.value) and math.isfinite(f.value)
+    assert torch.equal(torch.get_rng_state(), state)

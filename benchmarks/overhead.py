@@ -1,0 +1,135 @@
+"""Wall-time overhead of each monitor on a small training run, at its default schedule.
+
+For each configuration (no monitor, each monitor alone, all three) the same training run is
+timed ``--repeats`` times, round-robin so that a slow patch of a shared machine hits every
+configuration alike; the table reports the median and the overhead relative to the median
+of the baseline measured in the same invocation. One thread (``torch.set_num_threads(1)``).
+
+    python benchmarks/overhead.py [--steps 1000] [--repeats 3]
+
+The run: an MLP 32-128-128-10 (22k parameters) on a synthetic 10-class task, batch 128,
+Adam, ``--steps`` optimizer steps. Monitors use their defaults: the log-spaced schedule
+(8 measurements per decade of steps, so about 25 by step 1000), ``SGLDConfig()`` (4 chains
+× 300 SGLD steps, 16 batches) for the LLC, 16 probes plus the Fisher on one batch for the
+Hessian. The overhead therefore depends on the length of the run: the schedule measures
+O(log steps) times, so the percentage falls as training gets longer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from slt_callbacks.callbacks import HessianTraceMonitor, LLCMonitor, WeightNormMonitor
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def dataset(num_samples: int = 8192) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(num_samples, 32, generator=g)
+    teacher = torch.randn(32, 10, generator=g)
+    return TensorDataset(x, (x @ teacher).argmax(dim=1))
+
+
+CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
+    "none (baseline)": lambda: [],
+    "LLCMonitor": lambda: [LLCMonitor()],
+    "HessianTraceMonitor": lambda: [HessianTraceMonitor()],
+    "WeightNormMonitor": lambda: [WeightNormMonitor()],
+    "all three": lambda: [LLCMonitor(), HessianTraceMonitor(), WeightNormMonitor()],
+}
+
+
+def time_fit(
+    callbacks: list[pl.Callback], steps: int, data: TensorDataset
+) -> tuple[float, float, int]:
+    """Wall and CPU seconds spent in ``trainer.fit``, and the number of measurements taken."""
+    pl.seed_everything(0, verbose=False)
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = pl.Trainer(
+            max_steps=steps,
+            callbacks=callbacks,
+            logger=pl.loggers.CSVLogger(logs),
+            accelerator="cpu",
+            log_every_n_steps=50,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+        )
+        loader = DataLoader(data, batch_size=128, shuffle=True)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # health warnings of estimates mid-training
+            trainer.fit(Classifier(), loader)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    measured = max((len(cb.history) for cb in callbacks if hasattr(cb, "history")), default=0)
+    return seconds, cpu, measured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    data = dataset()
+
+    time_fit([], 50, data)  # warm-up: first-call costs (imports, allocator) are nobody's
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    cpu_times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    counts: dict[str, int] = {}
+    for _ in range(args.repeats):
+        for name, make in CONFIGS.items():
+            seconds, cpu, counts[name] = time_fit(make(), args.steps, data)
+            times[name].append(seconds)
+            cpu_times[name].append(cpu)
+
+    base = statistics.median(times["none (baseline)"])
+    cpu_base = statistics.median(cpu_times["none (baseline)"])
+    print(f"Overhead on {args.steps} training steps (median of {args.repeats} runs, "
+          f"1 thread, {torch.__version__}, CPU)\n")  # fmt: skip
+    print("| monitor | measurements | wall time (s) | overhead (wall) | per measurement (ms) "
+          "| overhead (CPU time) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        extra = median - base
+        cpu_extra = statistics.median(cpu_times[name]) - cpu_base
+        per = f"{1000 * extra / counts[name]:.0f}" if counts[name] else "–"
+        baseline = name.startswith("none")
+        overhead = "–" if baseline else f"{100 * extra / base:+.1f}%"
+        cpu_overhead = "–" if baseline else f"{100 * cpu_extra / cpu_base:+.1f}%"
+        print(f"| {name} | {counts[name]} | {median:.2f} | {overhead} | {per} | {cpu_overhead} |")
+    print("\nCPU time (this process only) is the check against other load on a shared machine.")
+
+
+if __name__ == "__main__":
+    main()

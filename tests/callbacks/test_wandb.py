@@ -1,0 +1,75 @@
+"""The monitors with a real offline WandbLogger, read back from the run's files."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+from slt_callbacks.callbacks import HessianTraceMonitor, LLCMonitor, WeightNormMonitor
+
+from ..wandb_reader import read_offline_run, rows_with
+from .helpers import FAST, TinyRegressor, loader, make_trainer
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline, every directory it writes in ``tmp_path``; never the network or ``~``."""
+    wandb = pytest.importorskip("wandb")
+    for name, value in {
+        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    for name in ("DIR", "CACHE_DIR", "DATA_DIR", "CONFIG_DIR", "ARTIFACT_DIR"):
+        folder = tmp_path / "wandb-env" / name.lower()
+        folder.mkdir(parents=True)
+        monkeypatch.setenv(f"WANDB_{name}", str(folder))
+    if wandb.run is not None:
+        wandb.finish()
+    yield wandb
+    if wandb.run is not None:
+        wandb.finish()
+
+
+@pytest.mark.wandb
+def test_wandb_run_gets_metrics_on_the_training_step_axis_and_the_sgld_config(
+    tmp_path, offline_wandb
+):
+    from lightning.pytorch.loggers import WandbLogger
+
+    save_dir = tmp_path / "save"
+    logger = WandbLogger(offline=True, save_dir=save_dir, project="slt-callbacks-test")
+    monitors = [
+        LLCMonitor(config=FAST, schedule=[0, 3], components={"first": "net.0.*"}),
+        HessianTraceMonitor(schedule=[3], num_probes=4),
+        WeightNormMonitor(schedule=[3]),
+    ]
+    trainer = make_trainer(tmp_path, monitors, max_steps=3, logger=logger)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LLCMonitor at step")
+        trainer.fit(TinyRegressor(), loader())
+    offline_wandb.finish()
+    run = read_offline_run(save_dir)
+
+    ours = [m for m in run["metrics"] if m["glob_name"] == "slt/*"]
+    assert ours and all(m["step_metric"] == "trainer/global_step" for m in ours)
+    assert run["config"]["slt/sgld"] == FAST.to_dict()
+    assert run["config"]["slt/n_beta"] == pytest.approx(monitors[0].n_beta)
+    assert run["config"]["slt/components"] == ["first"]
+    assert run["config"]["slt/hessian"] == {
+        "num_probes": 4, "num_batches": 1, "fisher": True, "seed": 0,
+    }  # fmt: skip
+    llc_rows = rows_with(run, "slt/llc")
+    assert [row["trainer/global_step"] for row in llc_rows] == [0, 3]
+    assert [row["slt/llc"] for row in llc_rows] == pytest.approx(
+        [h["llc"] for h in monitors[0].history]
+    )
+    assert all(math.isfinite(row["slt/llc/first"]) for row in llc_rows)
+    (hessian_row,) = rows_with(run, "slt/hessian_trace")
+    assert hessian_row["trainer/global_step"] == 3
+    assert hessian_row["slt/hessian_trace"] == pytest.approx(
+        monitors[1].history[0]["hessian_trace"]
+    )
+    assert rows_with(run, "slt/weight_norm")[0]["trainer/global_step"] == 3
