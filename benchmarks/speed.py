@@ -173,6 +173,12 @@ def devinterp_run(model, batches, chains: int, steps: int, device: str) -> float
 
 def one(args) -> dict:
     torch.set_num_threads(1)
+    # Import before the memory baseline, so that peak memory is the run's, not the imports'.
+    if args.method == "devinterp":
+        import datasets  # noqa: F401
+        import devinterp.slt.llc  # noqa: F401
+    else:
+        import slt_callbacks  # noqa: F401
     model, batches = make_problem(args.device)
     floor = floor_ms(model, batches, args.device)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
