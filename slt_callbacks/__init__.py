@@ -10,7 +10,13 @@ or call the estimators directly (:func:`estimate_llc`, :func:`hessian_trace`,
 (:mod:`slt_callbacks.core`) depends on torch alone.
 """
 
-from .callbacks import HessianTraceMonitor, LLCMonitor, TrainingStepLoss, WeightNormMonitor
+from .callbacks import (
+    HessianTraceMonitor,
+    LLCMonitor,
+    StageTransitionMonitor,
+    TrainingStepLoss,
+    WeightNormMonitor,
+)
 from .core import (
     Calibration,
     CalibrationError,
@@ -31,7 +37,7 @@ from .core import (
     resolve_components,
     weight_norms,
 )
-from .detect import DetectorConfig, StageDetector, StageEvent
+from .detect import DetectorConfig, StageDetector, StageEvent, StageKind
 from .records import LLCRecord
 from .schedule import Schedule
 
@@ -52,6 +58,8 @@ __all__ = [
     "Schedule",
     "StageDetector",
     "StageEvent",
+    "StageKind",
+    "StageTransitionMonitor",
     "Status",
     "TraceEstimate",
     "TrainingStepLoss",

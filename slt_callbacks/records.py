@@ -26,6 +26,9 @@ class LLCRecord:
         components: ``{name: (llc, llc_std, status)}`` for weight-restricted estimates.
         datasets: ``{name: (llc, llc_std, status)}`` for data-restricted estimates.
         seconds: wall time of the estimate.
+        num_chains: chains behind ``llc`` (``llc_std / sqrt(num_chains)`` is its standard
+            error), or None if unknown.
+        source: the metric prefix of the monitor that made it, to tell two monitors apart.
     """
 
     step: int
@@ -36,6 +39,8 @@ class LLCRecord:
     components: dict[str, tuple[float, float, str]] = field(default_factory=dict)
     datasets: dict[str, tuple[float, float, str]] = field(default_factory=dict)
     seconds: float = float("nan")
+    num_chains: int | None = None
+    source: str = "slt/"
 
     @property
     def healthy(self) -> bool:

@@ -438,7 +438,7 @@ def offline_run(tmp_path_factory):
             _exercise_sink(MetricSink([logger], is_global_zero=True, clock=FakeClock()))
         finally:
             wandb.finish()
-        return wandb_reader.read_offline_run(save_dir)
+        return wandb_reader.read_finished_run(save_dir)
 
 
 def _exercise_sink(sink: MetricSink) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -228,3 +229,18 @@ def read_table(run: dict[str, Any], key: str) -> dict[str, Any]:
         raise KeyError(f"no history row logged {key!r}")
     entry = rows[-1][key]
     return json.loads((run["path"].parent / "files" / entry["path"]).read_text())
+
+
+def read_finished_run(directory: str | Path, timeout_s: float = 30.0) -> dict[str, Any]:
+    """:func:`read_offline_run`, once the run's exit record is on disk.
+
+    ``wandb.finish()`` can return before the W&B service has flushed the last records of the
+    transaction log (seen on a loaded 2-core machine: the summary, the last table and the
+    exit record missing), so poll until the exit record is there.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        run = read_offline_run(directory)
+        if run["exit_code"] is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.1)

@@ -302,6 +302,8 @@ class LLCMonitor(_ScheduledMonitor):
             components={n: _summary(r) for n, r in result.components.items()},
             datasets={n: _summary(r) for n, r in by_data.items()},
             seconds=seconds,
+            num_chains=result.config.num_chains,
+            source=self.prefix,
         )
         entry = record.to_dict()
         del entry["step"]

@@ -346,9 +346,11 @@ def _results(
     criteria: HealthCriteria,
     seconds: float,
 ) -> LLCResult:
-    common = dict(init_loss=float(batch_losses.mean()), n_beta=n_beta, num_samples=num_samples, config=config,
-                  criteria=criteria, backend=traces.backend,
-                  backend_reason=traces.fallback_reason, seconds=seconds)
+    common = dict(
+        init_loss=float(batch_losses.mean()), n_beta=n_beta, num_samples=num_samples,
+        config=config, criteria=criteria, backend=traces.backend,
+        backend_reason=traces.fallback_reason, seconds=seconds,
+    )
     steps = traces.loss.shape[-1]
     parts = [
         summarize(

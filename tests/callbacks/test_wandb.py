@@ -9,7 +9,7 @@ import pytest
 
 from slt_callbacks.callbacks import HessianTraceMonitor, LLCMonitor, WeightNormMonitor
 
-from ..wandb_reader import read_offline_run, rows_with
+from ..wandb_reader import read_finished_run, rows_with
 from .helpers import FAST, TinyRegressor, loader, make_trainer
 
 
@@ -51,7 +51,7 @@ def test_wandb_run_gets_metrics_on_the_training_step_axis_and_the_sgld_config(
         warnings.filterwarnings("ignore", message="LLCMonitor at step")
         trainer.fit(TinyRegressor(), loader())
     offline_wandb.finish()
-    run = read_offline_run(save_dir)
+    run = read_finished_run(save_dir)
 
     ours = [m for m in run["metrics"] if m["glob_name"] == "slt/*"]
     assert ours and all(m["step_metric"] == "trainer/global_step" for m in ours)

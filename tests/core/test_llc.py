@@ -370,16 +370,16 @@ def test_config_round_trip_and_unknown_keys():
 
 def test_bad_inputs_name_the_argument():
     model, data = trained_net(), classification_data()
-    with pytest.raises(ValueError, match="scalar loss.*shape \\(32,\\)"):
+    with pytest.raises(ValueError, match=r"scalar loss.*shape \(32,\)"):
         estimate_llc(model, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
                      data, config=SHORT, seed=0)
-    with pytest.raises(ValueError, match="`data`.*empty"):
+    with pytest.raises(ValueError, match=r"`data`.*empty"):
         estimate_llc(model, ce, [], config=SHORT, seed=0)
     with pytest.raises(ValueError, match="single Tensor"):
         estimate_llc(model, ce, torch.randn(4, 4), config=SHORT, seed=0)
-    with pytest.raises(ValueError, match="glob 'layers.\\*' matches no"):
+    with pytest.raises(ValueError, match=r"glob 'layers.\*' matches no"):
         estimate_llc(model, ce, data, config=SHORT, seed=0, components={"x": "layers.*"})
-    with pytest.raises(ValueError, match="shape \\(3,\\) but got \\(2,\\)"):
+    with pytest.raises(ValueError, match=r"shape \(3,\) but got \(2,\)"):
         estimate_llc(model, ce, data, config=SHORT, seed=0,
                      components={"x": {"head.bias": torch.ones(2, dtype=torch.bool)}})
     with pytest.raises(ValueError, match="`config`"):
