@@ -22,53 +22,23 @@ from torch import nn
 
 from slt_callbacks import SGLDConfig, estimate_llc
 from slt_callbacks.core.calibrate import calibrate
-from slt_callbacks.core.theory import reduced_rank_regression_lambda
+from slt_callbacks.core.theory import (
+    gaussian_nll,
+    minimal_rank_teacher,
+    reduced_rank_regression_lambda,
+    regression_batches,
+)
 
 N = 10_000
 BATCH = 500
 HAND_TUNED_STEP = 1e-4
 
 
-# Tiny closed-form models (copied from tests/core/models.py so the benchmark stands alone).
-
-
-def mse_half(model: nn.Module, batch) -> torch.Tensor:
-    """Gaussian negative log-likelihood (unit variance) up to a constant: ½‖y − f(x)‖²."""
-    x, y = batch
-    return 0.5 * ((model(x) - y) ** 2).sum(-1).mean()
+mse_half = gaussian_nll
 
 
 def regression_data(teacher: nn.Module, m: int, *, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, m, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        y = teacher(x)
-    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, N, BATCH)]
-
-
-class TwoLayerLinear(nn.Module):
-    """``x -> B A x`` without biases (reduced-rank regression)."""
-
-    def __init__(self, m: int, h: int, n: int) -> None:
-        super().__init__()
-        self.a = nn.Linear(m, h, bias=False, dtype=torch.float64)
-        self.b = nn.Linear(h, n, bias=False, dtype=torch.float64)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.a(x))
-
-
-def minimal_rank_teacher(m: int, h: int, n: int, r: int, *, seed: int = 0) -> TwoLayerLinear:
-    """Both layers of rank exactly ``r``: a point of the most singular set of true maps."""
-    g = torch.Generator().manual_seed(seed)
-    model = TwoLayerLinear(m, h, n)
-    with torch.no_grad():
-        model.a.weight.zero_()
-        model.b.weight.zero_()
-        if r:
-            model.a.weight[:r] = torch.randn(r, m, generator=g, dtype=torch.float64)
-            model.b.weight[:, :r] = torch.randn(n, r, generator=g, dtype=torch.float64)
-    return model
+    return regression_batches(teacher, m, num_samples=N, batch_size=BATCH, seed=seed)
 
 
 def linear_regression() -> nn.Module:

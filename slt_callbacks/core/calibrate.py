@@ -74,6 +74,7 @@ from .diagnostics import HealthCriteria, Status
 from .functional import (
     LossFn,
     LossModule,
+    check_model_and_loss,
     check_scalar_loss,
     frozen_tensors,
     loss_at,
@@ -825,15 +826,7 @@ def _check_arguments(
     num_power_iterations: Any,
     on_failure: Any,
 ) -> None:
-    if not isinstance(model, nn.Module):
-        raise ValueError(
-            f"Expected argument `model` to be a torch.nn.Module but got {type(model).__name__}."
-        )
-    if not callable(loss_fn):
-        raise ValueError(
-            "Expected argument `loss_fn` to be a callable loss_fn(model, batch) -> scalar "
-            f"Tensor but got {type(loss_fn).__name__}."
-        )
+    check_model_and_loss(model, loss_fn)
     if not isinstance(base, SGLDConfig):
         raise ValueError(
             f"Expected argument `base` to be an SGLDConfig or None but got "

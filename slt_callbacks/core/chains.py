@@ -203,40 +203,27 @@ def run_chains(
             orders_list.extend(orders.tolist())
         return [pool.tensor_leaves(orders_list[s][t]) for s in range(slots)]
 
+    def forward_backward(mode: str, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        leaves = leaves_of(mode)
+        losses = losses_of(mode, leaves, batches(mode, t))
+        return losses, _grad(losses, leaves, dims, stacked=mode == "vmap")
+
     mode = "vmap" if backend in ("auto", "vmap") else "loop"
     fallback_reason = None
     for t in range(num_steps):
         if t == 0 and backend == "auto":
             rng = _global_rng_state(theta.device)
             try:
-                leaves = leaves_of(mode)
-                grad = _grad(
-                    losses := losses_of(mode, leaves, batches(mode, t)),
-                    leaves,
-                    dims,
-                    stacked=mode == "vmap",
-                )
+                losses, grad = forward_backward(mode, t)
             except VMAP_FAILURES as err:
                 mode = "loop"
                 fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
                 # A loss that draws random numbers (dropout in train mode) must see the same
                 # stream as with backend="loop": rewind what the failed attempt consumed.
                 _set_global_rng_state(theta.device, rng)
-                leaves = leaves_of(mode)
-                grad = _grad(
-                    losses := losses_of(mode, leaves, batches(mode, t)),
-                    leaves,
-                    dims,
-                    stacked=mode == "vmap",
-                )
+                losses, grad = forward_backward(mode, t)
         else:
-            leaves = leaves_of(mode)
-            grad = _grad(
-                losses := losses_of(mode, leaves, batches(mode, t)),
-                leaves,
-                dims,
-                stacked=mode == "vmap",
-            )
+            losses, grad = forward_backward(mode, t)
         with torch.no_grad():
             noise.normal_(generator=generator)
             drift_sq, was_clipped = step.apply_(theta, theta0, grad, noise, mask3)

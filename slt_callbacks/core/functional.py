@@ -122,3 +122,20 @@ def check_scalar_loss(loss: Any, *, argument: str = "loss_fn") -> torch.Tensor:
             f"Expected `{argument}` to return a floating-point loss but got dtype {loss.dtype}."
         )
     return loss.reshape(())
+
+
+def check_model_and_loss(model: Any, loss_fn: Any) -> None:
+    """The first two arguments every estimator takes: a module and ``loss_fn(model, batch)``.
+
+    Raises:
+        ValueError: naming the argument, the expectation and what arrived.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"Expected argument `model` to be a torch.nn.Module but got {type(model).__name__}."
+        )
+    if not callable(loss_fn):
+        raise ValueError(
+            "Expected argument `loss_fn` to be a callable loss_fn(model, batch) -> scalar "
+            f"Tensor but got {type(loss_fn).__name__}."
+        )

@@ -29,6 +29,7 @@ from .diagnostics import ChainSummary, HealthCriteria, Status, assess
 from .functional import (
     LossFn,
     LossModule,
+    check_model_and_loss,
     frozen_tensors,
     module_mode,
     trainable_parameters,
@@ -401,15 +402,7 @@ def merge_results(results: Sequence[LLCResult], *, criteria: HealthCriteria | No
 def _check_arguments(
     model: Any, loss_fn: Any, config: Any, on_failure: Any
 ) -> None:
-    if not isinstance(model, nn.Module):
-        raise ValueError(
-            f"Expected `model` to be a torch.nn.Module but got {type(model).__name__}."
-        )
-    if not callable(loss_fn):
-        raise ValueError(
-            "Expected `loss_fn` to be a callable loss_fn(model, batch) -> scalar Tensor but got "
-            f"{type(loss_fn).__name__}."
-        )
+    check_model_and_loss(model, loss_fn)
     if not isinstance(config, SGLDConfig):
         raise ValueError(f"Expected `config` to be an SGLDConfig but got {type(config).__name__}.")
     if on_failure not in ("warn", "raise", "ignore"):

@@ -1,13 +1,23 @@
-"""Closed-form learning coefficients, to check an estimator against (SLT_PRIMER §5).
+"""Closed-form learning coefficients and the reference problems they belong to.
+
+Use them to check an estimator (or a choice of hyperparameters) on a case whose answer is
+known before trusting it on a network whose answer is not::
+
+    teacher = minimal_rank_teacher(3, 2, 4, 1)          # true λ = 4
+    data = regression_batches(teacher, 3)
+    estimate_llc(teacher, gaussian_nll, data, config=...)
 
 These are *global* coefficients. The local coefficient at w* equals them only when w* lies
 in the most singular set of true parameters (for linear networks: every layer has rank
-exactly r); build test teachers accordingly.
+exactly r); :func:`minimal_rank_teacher` builds such a point.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 
 def reduced_rank_regression_lambda(m: int, h: int, n: int, r: int) -> float:
@@ -46,7 +56,11 @@ def normal_crossing_lambda(powers: list[int]) -> float:
 
 
 def finite_temperature_llc_2d(
-    potential, *, n_beta: float, localization: float, half_width: float = 6.0,
+    potential,
+    *,
+    n_beta: float,
+    localization: float,
+    half_width: float = 6.0,
     num_points: int = 2001,
 ) -> float:
     r"""The exact value the LLC estimator targets at finite nβ, for a 2-parameter model with
@@ -65,8 +79,64 @@ def finite_temperature_llc_2d(
     return float(n_beta * (weight * loss).sum() / weight.sum())
 
 
+def gaussian_nll(model: nn.Module, batch: Any) -> torch.Tensor:
+    """½‖y − f(x)‖² averaged over the batch: the negative log-likelihood of unit-variance
+    Gaussian regression up to a constant, the loss the coefficients above refer to."""
+    x, y = batch
+    return 0.5 * ((model(x) - y) ** 2).sum(-1).mean()
+
+
+def regression_batches(
+    teacher: nn.Module,
+    input_dim: int,
+    *,
+    num_samples: int = 10_000,
+    batch_size: int = 500,
+    seed: int = 0,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Noise-free samples ``(x, teacher(x))`` with ``x ~ N(0, I)`` in float64, as batches."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, input_dim, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = teacher(x)
+    return [
+        (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, num_samples, batch_size)
+    ]
+
+
+class TwoLayerLinear(nn.Module):
+    """``x -> B A x`` without biases (reduced-rank regression), float64."""
+
+    def __init__(self, m: int, h: int, n: int) -> None:
+        super().__init__()
+        self.a = nn.Linear(m, h, bias=False, dtype=torch.float64)
+        self.b = nn.Linear(h, n, bias=False, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def minimal_rank_teacher(m: int, h: int, n: int, r: int, *, seed: int = 0) -> TwoLayerLinear:
+    """A true parameter in the most singular set: both layers of rank exactly ``r`` (the
+    first ``r`` hidden units carry the map, the others are zero in both layers). Its local
+    learning coefficient is :func:`reduced_rank_regression_lambda` ``(m, h, n, r)``."""
+    g = torch.Generator().manual_seed(seed)
+    model = TwoLayerLinear(m, h, n)
+    with torch.no_grad():
+        model.a.weight.zero_()
+        model.b.weight.zero_()
+        if r:
+            model.a.weight[:r] = torch.randn(r, m, generator=g, dtype=torch.float64)
+            model.b.weight[:, :r] = torch.randn(n, r, generator=g, dtype=torch.float64)
+    return model
+
+
 __all__ = [
+    "TwoLayerLinear",
     "finite_temperature_llc_2d",
+    "gaussian_nll",
+    "minimal_rank_teacher",
     "normal_crossing_lambda",
     "reduced_rank_regression_lambda",
+    "regression_batches",
 ]
