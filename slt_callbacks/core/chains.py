@@ -138,6 +138,12 @@ def run_chains(
     mask3 = None if masks is None else masks.unsqueeze(1)  # (components, 1, D)
     orders = batch_orders(slots, num_steps, pool.num_batches, generator)
     noise = torch.empty(dims, dtype=theta0.dtype, device=theta0.device)
+    grad = torch.empty(dims, dtype=theta0.dtype, device=theta0.device)
+    flat_grad = grad.view(slots, layout.size)
+    grad_views = {  # where each leaf's gradient goes, per backend
+        "vmap": list(layout.views(flat_grad).values()),
+        "loop": [v for row in flat_grad for v in layout.views(row).values()],
+    }
     loss_trace = torch.empty((slots, num_steps), dtype=theta0.dtype, device=theta0.device)
     drift_trace = torch.empty_like(loss_trace)
     clipped = torch.zeros((num_components, num_chains), dtype=torch.long, device=theta0.device)
@@ -206,7 +212,8 @@ def run_chains(
     def forward_backward(mode: str, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         leaves = leaves_of(mode)
         losses = losses_of(mode, leaves, batches(mode, t))
-        return losses, _grad(losses, leaves, dims, stacked=mode == "vmap")
+        _grad(losses, leaves, grad_views[mode])
+        return losses, grad
 
     mode = "vmap" if backend in ("auto", "vmap") else "loop"
     fallback_reason = None
@@ -266,18 +273,15 @@ def _slot_loss(
 
 
 def _grad(
-    losses: torch.Tensor,
-    leaves: list[torch.Tensor],
-    dims: tuple[int, int, int],
-    *,
-    stacked: bool,
-) -> torch.Tensor:
-    """Gradient of each slot's loss w.r.t. its own parameters, flat: ``dims``-shaped.
+    losses: torch.Tensor, leaves: list[torch.Tensor], out: list[torch.Tensor]
+) -> None:
+    """Write the gradient of each slot's loss w.r.t. its own parameters into ``out``.
 
     Slots are independent, so the gradient of the summed losses is every slot's own.
-    ``leaves`` are either one ``(slots, *shape)`` tensor per parameter (``stacked``, vmap)
-    or one tensor per (slot, parameter), slot-major (loop); both flatten to the
-    ``(slots, D)`` layout."""
+    ``leaves`` are one ``(slots, *shape)`` tensor per parameter (vmap) or one tensor per
+    (slot, parameter) (loop); ``out`` holds same-shaped views of the flat ``(slots, D)``
+    gradient buffer, so each gradient is copied exactly once, whatever its memory layout.
+    """
     wanted = [leaf for leaf in leaves if leaf.requires_grad]
     found = iter(torch.autograd.grad(losses.sum(), wanted, allow_unused=True))
     grads = [next(found) if leaf.requires_grad else None for leaf in leaves]
@@ -286,12 +290,11 @@ def _grad(
             "The loss returned by `loss_fn` does not depend on any trainable parameter of "
             "the model; is `loss_fn` calling the model it is given?"
         )
-    rows = dims[0] * dims[1] if stacked else 1
-    flat = [
-        (torch.zeros_like(v) if g is None else g).reshape(rows, -1)
-        for g, v in zip(grads, leaves, strict=True)
-    ]
-    return torch.cat(flat, dim=1).view(dims)
+    for g, view in zip(grads, out, strict=True):
+        if g is None:
+            view.zero_()
+        else:
+            view.copy_(g)
 
 
 def autocast_context(
