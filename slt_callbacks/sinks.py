@@ -344,6 +344,15 @@ class MetricSink:
         for logger in self._wandb_loggers:
             logger.log_metrics({key: chart}, step=step)
 
+    def log_image(self, key: str, figure: Any, step: int) -> None:
+        """Log a matplotlib figure (or anything ``wandb.Image`` takes) as a W&B image."""
+        self._do_log_image(key, figure, step)
+
+    @_wandb_extra
+    def _do_log_image(self, key: str, figure: Any, step: int) -> None:
+        for logger in self._wandb_loggers:
+            logger.log_image(key, images=[figure], step=step)
+
     # -- checkpointing -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

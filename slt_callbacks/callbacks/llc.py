@@ -15,12 +15,13 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from slt_callbacks.core.calibrate import calibrate
+from slt_callbacks.core.calibrate import Calibration, calibrate
 from slt_callbacks.core.config import SGLDConfig
 from slt_callbacks.core.diagnostics import HealthCriteria, Status
 from slt_callbacks.core.functional import LossFn
 from slt_callbacks.core.llc import LLCResult, estimate_llc, merge_results
 from slt_callbacks.core.restrict import Selector, resolve_components
+from slt_callbacks.plots import plot_calibration
 from slt_callbacks.records import LLCRecord
 
 from ._base import ScheduleLike, _ScheduledMonitor, callbacks_with, derive_seed, gather, split
@@ -188,6 +189,8 @@ class LLCMonitor(_ScheduledMonitor):
         self.last_result: LLCResult | None = None
         #: The full results of the latest data-restricted estimates, by dataset name.
         self.last_dataset_results: dict[str, LLCResult] = {}
+        #: With ``config="auto"``: the calibration sweep behind the chosen config.
+        self.last_calibration: Calibration | None = None
         self._loss_ema: torch.Tensor | float | None = None
         self._dataset_batches: dict[str, list[Any]] = {}
         self._backend: str | None = None
@@ -395,6 +398,8 @@ class LLCMonitor(_ScheduledMonitor):
         self._check_chain_split(chosen, trainer.world_size)
         self.active_config = chosen
         rank_zero_info(f"LLCMonitor calibration at step {step}:\n{outcome.to_markdown()}")
+        self.last_calibration = outcome
+        self._show_calibration(trainer, outcome, step)
         self._sink.update_config(
             {
                 self._key("sgld"): chosen.to_dict(),
@@ -404,6 +409,30 @@ class LLCMonitor(_ScheduledMonitor):
             }
         )
         return chosen
+
+    def _show_calibration(self, trainer: pl.Trainer, outcome: Calibration, step: int) -> None:
+        """The sweep behind the chosen step size: a W&B table and image with a WandbLogger,
+        else a PNG next to the logs (the picture needs the optional matplotlib)."""
+        assert self._sink is not None
+        rows = [point.to_dict() for point in outcome.table]
+        columns = list(rows[0]) if rows else []
+        self._sink.log_table(self._key("calibration/table"), columns,
+                             [[_cell(r[c]) for c in columns] for r in rows], step)
+        if not trainer.is_global_zero:
+            return
+        try:
+            figure = plot_calibration(outcome)
+        except ImportError as missing:
+            rank_zero_info(f"LLCMonitor: no calibration plot ({missing}).")
+            return
+        if self._sink.has_wandb:
+            self._sink.log_image(self._key("calibration/plot"), figure, step)
+        else:
+            folder = Path(trainer.log_dir or trainer.default_root_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{self.prefix.strip('/').replace('/', '_')}_calibration.png"
+            figure.savefig(path, dpi=120)
+            rank_zero_info(f"LLCMonitor: calibration plot written to {path}")
 
     def _report_health(self, step: int) -> None:
         assert self.last_result is not None and self._sink is not None
@@ -522,3 +551,8 @@ def _check_mapping(argument: str, value: Any) -> None:
                 f"Expected the keys of `{argument}` to be {rule} (they become metric names) "
                 f"but got {name!r}."
             )
+
+
+def _cell(value: Any) -> Any:
+    """A table cell W&B can show: containers (per-chain lists, reasons) as text."""
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)

@@ -508,6 +508,10 @@ def test_config_auto_calibrates_once_and_keeps_the_choice(tmp_path, monkeypatch)
     assert len(calls) == 1 and len(monitor.history) == 3
     chosen = monitor.active_config
     assert chosen.step_size in (1e-5, 1e-4) and chosen.num_draws == FAST.num_draws
+    # The sweep behind the choice is kept and drawn (a PNG next to the CSV logs: no W&B here).
+    assert [p.step_size for p in monitor.last_calibration.table] == [1e-5, 1e-4]
+    png = tmp_path / "csv" / "version_0" / "slt_calibration.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     state = roundtrip(monitor.state_dict())
     resumed = LLCMonitor(config="auto", calibration=options)

@@ -73,3 +73,27 @@ def test_wandb_run_gets_metrics_on_the_training_step_axis_and_the_sgld_config(
         monitors[1].history[0]["hessian_trace"]
     )
     assert rows_with(run, "slt/weight_norm")[0]["trainer/global_step"] == 3
+
+
+@pytest.mark.wandb
+def test_auto_config_logs_the_calibration_sweep_as_table_and_image(tmp_path, offline_wandb):
+    from lightning.pytorch.loggers import WandbLogger
+
+    save_dir = tmp_path / "save"
+    logger = WandbLogger(offline=True, save_dir=save_dir, project="slt-callbacks-test")
+    options = {"base": FAST, "step_sizes": [1e-5, 1e-4], "num_draws": 10,
+               "num_burnin_steps": 5, "num_chains": 2, "num_power_iterations": 0}  # fmt: skip
+    monitor = LLCMonitor(config="auto", schedule=[1, 2], calibration=options)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=2, logger=logger)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LLCMonitor")
+        trainer.fit(TinyRegressor(), loader())
+    offline_wandb.finish()
+    run = read_finished_run(save_dir)
+
+    (table_row,) = rows_with(run, "slt/calibration/table")
+    assert table_row["slt/calibration/table"]["_type"] == "table-file"
+    assert table_row["slt/calibration/table"]["nrows"] == 2
+    (image_row,) = rows_with(run, "slt/calibration/plot")
+    assert image_row["slt/calibration/plot"]["_type"] == "images/separated"
+    assert run["config"]["slt/sgld"]["step_size"] == monitor.active_config.step_size
