@@ -47,7 +47,15 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from slt_callbacks.core.config import DEFAULT_MAX_BATCHES
-from slt_callbacks.core.functional import LossFn, check_scalar_loss, module_mode
+from slt_callbacks.core.functional import (
+    LossFn,
+    LossModule,
+    check_scalar_loss,
+    frozen_tensors,
+    loss_at,
+    module_mode,
+    trainable_parameters,
+)
 from slt_callbacks.schedule import Schedule, coerce
 from slt_callbacks.sinks import MetricSink
 
@@ -188,10 +196,13 @@ def draw_training_batches(
             f"{owner}: cannot tell the batch size of the train DataLoader (batch_size="
             f"{batch_size!r}, {len(dataset)} samples). {advice}"
         )
-    needed = num_batches * batch_size
-    rounds = math.ceil(needed / len(dataset))
-    order = torch.cat([torch.randperm(len(dataset), generator=generator) for _ in range(rounds)])
-    indices = order[:needed].view(num_batches, batch_size).tolist()
+    # At most one pass, without replacement: repeated samples would inflate n (and with it
+    # the default nβ = n/log n) without adding data.
+    if len(dataset) < batch_size:
+        num_batches, batch_size = 1, len(dataset)
+    num_batches = min(num_batches, len(dataset) // batch_size)
+    order = torch.randperm(len(dataset), generator=generator)
+    indices = order[: num_batches * batch_size].view(num_batches, batch_size).tolist()
     return [loader.collate_fn([dataset[i] for i in row]) for row in indices]
 
 
@@ -496,9 +507,14 @@ class _ScheduledMonitor(Callback):
 
     def _check_loss(self, pl_module: pl.LightningModule, batch: Any, argument: str) -> None:
         assert self._loss_fn is not None
+        # Through functional_call with cloned buffers, like every estimate: a loss that
+        # updates module state (a counter buffer, running statistics) must not leak into
+        # training from this check either.
+        wrapper = LossModule(pl_module, self._loss_fn)
+        tensors = {**frozen_tensors(pl_module), **trainable_parameters(pl_module)}
         with torch.no_grad(), module_mode(pl_module, train=False):
             try:
-                loss = self._loss_fn(pl_module, batch)
+                loss = loss_at(wrapper, tensors, batch)
                 check_scalar_loss(loss, argument="loss_fn")
             except ValueError as err:
                 raise ValueError(f"{self._name} (first batch of `{argument}`): {err}") from err

@@ -290,8 +290,13 @@ class LLCMonitor(_ScheduledMonitor):
             self._save_snapshot(pl_module, step, config)
         result = self._estimate(trainer, pl_module, config, self._batches, step, "llc",
                                 self.components)
+        # Data-restricted estimates run at the global nβ: λ̂ values are only comparable at
+        # one temperature, and a default nβ would otherwise follow each dataset's size.
+        data_config = replace(config, n_beta=result.n_beta)
         by_data = {
-            name: self._estimate(trainer, pl_module, config, batches, step, f"data/{name}", None)
+            name: self._estimate(
+                trainer, pl_module, data_config, batches, step, f"data/{name}", None
+            )
             for name, batches in self._dataset_batches.items()
         }
         seconds = time.perf_counter() - start

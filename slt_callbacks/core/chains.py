@@ -33,6 +33,11 @@ from .data import BatchPool
 from .functional import LossModule, check_scalar_loss, loss_at
 from .sgld import SGLDStep
 
+_NO_GRAD = (
+    "The loss returned by `loss_fn` does not depend on any trainable parameter of the model "
+    "(or was detached); is `loss_fn` calling the model it is given?"
+)
+
 # Errors that mean "vmap cannot trace this model", not "the user's input is wrong".
 VMAP_FAILURES = (RuntimeError, NotImplementedError)
 
@@ -282,14 +287,13 @@ def _grad(
     (slot, parameter) (loop); ``out`` holds same-shaped views of the flat ``(slots, D)``
     gradient buffer, so each gradient is copied exactly once, whatever its memory layout.
     """
+    if not losses.requires_grad:
+        raise ValueError(_NO_GRAD)
     wanted = [leaf for leaf in leaves if leaf.requires_grad]
     found = iter(torch.autograd.grad(losses.sum(), wanted, allow_unused=True))
     grads = [next(found) if leaf.requires_grad else None for leaf in leaves]
     if all(g is None for g in grads):
-        raise ValueError(
-            "The loss returned by `loss_fn` does not depend on any trainable parameter of "
-            "the model; is `loss_fn` calling the model it is given?"
-        )
+        raise ValueError(_NO_GRAD)
     for g, view in zip(grads, out, strict=True):
         if g is None:
             view.zero_()

@@ -138,7 +138,11 @@ def hessian_trace(
     def loss(trainable: dict[str, torch.Tensor]) -> torch.Tensor:
         return loss_at(wrapper, {**fixed, **trainable}, batch).reshape(())
 
-    with module_mode(model, train=False), _preserve_rng(next(iter(primals.values())).device):
+    with (
+        module_mode(model, train=False),
+        _preserve_rng(next(iter(primals.values())).device),
+        _pure_loss_required(),
+    ):
         _check_loss(wrapper, fixed, primals, batch)
         probes = {
             name: _rademacher((num_probes, *p.shape), p, generator) for name, p in primals.items()
@@ -230,7 +234,11 @@ def fisher_trace(
         return sum(g.square().sum() for g in grads.values())
 
     rows = tuple(leaves[i] for i in batched)
-    with module_mode(model, train=False), _preserve_rng(next(iter(primals.values())).device):
+    with (
+        module_mode(model, train=False),
+        _preserve_rng(next(iter(primals.values())).device),
+        _pure_loss_required(),
+    ):
         _check_loss(wrapper, fixed, primals, batch)
         values = torch.func.vmap(
             squared_grad_norm, chunk_size=chunk_size, randomness="different"
@@ -331,3 +339,20 @@ def _preserve_rng(device: torch.device) -> Iterator[None]:
         index = torch.get_device_module(device.type).current_device()
     with torch.random.fork_rng(devices=[index], device_type=device.type):
         yield
+
+
+@contextlib.contextmanager
+def _pure_loss_required() -> Iterator[None]:
+    """Turn torch.func's error for a loss that writes module state in place (a buffer
+    incremented in ``training_step``) into one that says what to do about it."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if "mutate" not in text and "captured" not in text:
+            raise
+        raise RuntimeError(
+            "`loss_fn` updates module state in place (e.g. a buffer incremented in "
+            "training_step), which torch.func transforms cannot differentiate through. Pass a "
+            f"`loss_fn` that only computes the loss. ({text.splitlines()[0]})"
+        ) from err

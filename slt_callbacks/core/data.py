@@ -12,6 +12,7 @@ default nβ uses its sample count.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ class BatchPool:
     num_batches: int
     batch_size: int
     num_skipped: int = 0
+    num_distinct: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -43,7 +45,12 @@ class BatchPool:
 
     @property
     def num_samples(self) -> int:
-        return self.num_batches * self.batch_size
+        """n: samples of distinct data in the pool (a cycled pool repeats batches).
+
+        The leading dimension of the batch tensors is taken as the batch dimension; with
+        another layout pass ``n_beta`` explicitly."""
+        distinct = self.num_batches if self.num_distinct is None else self.num_distinct
+        return distinct * self.batch_size
 
     def batch(self, index: int) -> Any:
         """Batch ``index`` as the user's loss function expects it."""
@@ -135,9 +142,16 @@ def build_pool(
             if spec is None
             else f"No batch of `{argument}` could be used (all {skipped} differed in shape)."
         )
-    if num_batches is not None and len(batches) < num_batches:
-        # Cycle what one pass gave: the pool must hold exactly num_batches batches.
-        batches = [batches[i % len(batches)] for i in range(num_batches)]
+    distinct = len(batches)
+    if num_batches is not None and distinct < num_batches:
+        # Cycle what one pass gave: the pool holds num_batches batches, but only `distinct`
+        # of them are different data, and only those count towards n.
+        warnings.warn(
+            f"`{argument}` yielded {distinct} usable batch(es) but num_batches={num_batches}; "
+            "the pool repeats them, and n (the default nβ = n/log n) counts each once.",
+            stacklevel=3,
+        )
+        batches = [batches[i % distinct] for i in range(num_batches)]
     assert spec is not None and is_tensor is not None
     stacked: list[Any] = []
     for j, t in enumerate(is_tensor):
@@ -148,16 +162,23 @@ def build_pool(
         if float_dtype is not None and leaf.is_floating_point():
             leaf = leaf.to(float_dtype)
         stacked.append(leaf)
-    first = next(leaf for leaf, t in zip(stacked, is_tensor, strict=True) if t)
-    batch_size = int(first.shape[1]) if first.dim() > 1 else 1
     return BatchPool(
         leaves=stacked,
         is_tensor=is_tensor,
         spec=spec,
         num_batches=len(batches),
-        batch_size=batch_size,
+        batch_size=_batch_size(stacked, is_tensor),
         num_skipped=skipped,
+        num_distinct=distinct,
     )
+
+
+def _batch_size(stacked: list[Any], is_tensor: list[bool]) -> int:
+    """Samples per batch: the most common leading dimension of the batch's tensors (a
+    scalar tensor in a dict batch, a count say, has none and does not vote)."""
+    sizes = [int(leaf.shape[1]) for leaf, t in zip(stacked, is_tensor, strict=True)
+             if t and leaf.dim() > 1]
+    return max(set(sizes), key=sizes.count) if sizes else 1
 
 
 def _shapes(leaves: list[Any], is_tensor: list[bool]) -> list[tuple[int, ...] | None]:

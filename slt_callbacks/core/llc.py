@@ -12,6 +12,7 @@ chains. A data-restricted LLC is the same call on the restricted data.
 from __future__ import annotations
 
 import math
+import numbers
 import secrets
 import time
 import warnings
@@ -296,8 +297,12 @@ def estimate_llc(
     ):
         # Only user code that draws from the global RNG (dropout in train_mode) sees this
         # seed; fork_rng restores the caller's state afterwards.
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator,
-                                            device=device)))
+        inner_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+        # Not torch.manual_seed: it reseeds every CUDA device, and fork_rng restores only
+        # the CPU generator and the model's device.
+        torch.default_generator.manual_seed(inner_seed)
+        if device.type == "cuda":
+            torch.cuda.default_generators[device.index or 0].manual_seed(inner_seed)
         fixed = {
             name: t.to(dtype) if t.is_floating_point() and dtype != model_dtype else t
             for name, t in frozen_tensors(model).items()
@@ -437,8 +442,11 @@ def _generator(
         return generator
     if seed is None:
         seed = secrets.randbits(63)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"Expected `seed` to be an int or None but got {seed!r}.")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not (
+        0 <= int(seed) < 2**63
+    ):
+        raise ValueError(f"Expected `seed` to be an int in [0, 2**63) or None but got {seed!r}.")
+    seed = int(seed)
     return torch.Generator(device=device).manual_seed(seed)
 
 

@@ -97,6 +97,9 @@ def test_every_metric_key_arrives_at_the_scheduled_steps(tmp_path):
     status_codes = {int(v) for _, v in rows_with(rows, "slt/diag/status_code")}
     assert status_codes <= set(range(6))
     assert all(LLCRecord.from_dict(h).status == h["status"] for h in llc.history)
+    # The data-restricted estimate (16 samples) runs at the global nβ (128/log 128 here), not
+    # at 16/log 16: λ̂ values are only comparable at one temperature.
+    assert llc.last_dataset_results["small"].n_beta == pytest.approx(llc.n_beta)
     # The user's own metric is logged at every step, as without monitors.
     assert len(rows_with(rows, "train_loss")) == 8
     assert set(trainer.callback_metrics) == {"train_loss"}
@@ -110,7 +113,9 @@ def test_zero_configuration_with_a_dict_returning_training_step(tmp_path):
     assert all(math.isfinite(h["llc"]) for h in monitor.history)
     assert monitor.history[0]["loss"] is None  # no training batch seen at step 0
     assert all(h["loss"] > 0 for h in monitor.history[1:])
-    assert monitor.n_beta == pytest.approx(256 / math.log(256))  # 16 batches of 16 samples
+    # The default 16 batches of 16 would need 256 samples; the training set has 128, so the
+    # monitor takes one pass (8 batches) rather than repeating samples, which would inflate n.
+    assert monitor.n_beta == pytest.approx(128 / math.log(128))
 
 
 def test_default_data_are_fixed_draws_from_the_dataset_through_the_transfer_hooks(tmp_path):
@@ -124,12 +129,12 @@ def test_default_data_are_fixed_draws_from_the_dataset_through_the_transfer_hook
     trainer = make_trainer(tmp_path, [monitor], max_steps=1)
     module = Hooked()
     fit_quietly(trainer, module, loader())
-    assert module.seen == 16 + 1  # our 16 batches, then the one training batch
+    assert module.seen == 8 + 1  # our 8 batches (one pass of 128 samples), then training's
     expected = draw_training_batches(
         loader(), num_batches=16,
         generator=torch.Generator().manual_seed(derive_seed(0, 0, 0, "data")), owner="test",
     )  # fmt: skip
-    assert len(monitor._batches) == 16
+    assert len(monitor._batches) == 8
     for ours, theirs in zip(monitor._batches, expected, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 

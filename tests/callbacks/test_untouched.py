@@ -79,3 +79,31 @@ def test_training_is_bit_identical_with_and_without_monitors(tmp_path):
 def train_and_draw(tmp_path: Path, callbacks: list) -> torch.Tensor:
     train(tmp_path / "again", callbacks)
     return torch.rand(3)
+
+
+class Counting(TinyRegressor):
+    """A training_step that updates a registered buffer in place (a step counter, as some
+    curriculum or EMA code does): any call on the real module would change its state_dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_loss_that_mutates_module_state_leaves_it_alone(tmp_path):
+    def fit(callbacks):
+        seed_everything(0, verbose=False)
+        model = Counting()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="(LLCMonitor|estimate_llc)")
+            make_trainer(tmp_path, callbacks, max_steps=6).fit(model, loader())
+        return model
+
+    plain = fit([])
+    watched = fit([LLCMonitor(config=FAST, schedule=[0, 3]), WeightNormMonitor(schedule=[0, 3])])
+    assert float(plain.calls) == 6.0
+    assert all(torch.equal(v, watched.state_dict()[k]) for k, v in plain.state_dict().items())

@@ -349,3 +349,16 @@ def test_losses_that_draw_random_numbers_work_and_keep_global_rng():
     f = fisher_trace(model, noisy_loss, batch)
     assert math.isfinite(h.value) and math.isfinite(f.value)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_loss_that_mutates_a_buffer_gets_an_actionable_error():
+    model = nn.Linear(3, 1)
+    model.register_buffer("calls", torch.zeros(()))
+
+    def counting_loss(m, b):
+        m.calls += 1
+        return (m(b) ** 2).mean()
+
+    with pytest.raises(RuntimeError, match="updates module state in place"):
+        hessian_trace(model, counting_loss, torch.randn(8, 3), num_probes=2,
+                      generator=torch.Generator().manual_seed(0))

@@ -199,8 +199,27 @@ def test_partial_last_batch_is_skipped_and_pool_can_cycle():
         return (m(b) ** 2).mean()
 
     cfg = SGLDConfig(**{**SHORT.to_dict(), "num_batches": 5})
+    with pytest.warns(UserWarning, match="repeats them"):
+        result = estimate_llc(nn.Linear(3, 1), loss, data, config=cfg, seed=0,
+                              on_failure="ignore")
+    # Five pool batches, but only the two full batches are distinct data: n counts those.
+    assert result.num_samples == 2 * 32
+
+
+def test_batch_size_ignores_scalar_leaves():
+    """A dict batch with a 0-d tensor (a count, a temperature) must not be taken for a
+    batch of one: n (and the default nβ) comes from the tensors that have a batch axis."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g)
+    data = [{"n": torch.tensor(16), "x": x[i : i + 16]} for i in range(0, 64, 16)]
+
+    def loss(m, b):
+        return (m(b["x"]) ** 2).mean()
+
+    cfg = SGLDConfig(**{**SHORT.to_dict(), "n_beta": None})
     result = estimate_llc(nn.Linear(3, 1), loss, data, config=cfg, seed=0, on_failure="ignore")
-    assert result.num_samples == 5 * 32
+    assert result.num_samples == 64
+    assert result.n_beta == pytest.approx(64 / math.log(64))
 
 
 def test_half_precision_model_is_sampled_in_float32():
@@ -408,3 +427,16 @@ def test_bf16_autocast_keeps_lambda_within_the_chain_spread():
     assert bf16.loss_trace.dtype == torch.float32
     assert abs(bf16.llc_mean - fp32.llc_mean) < fp32.llc_std
     assert not torch.equal(bf16.loss_trace, fp32.loss_trace)  # autocast really was on
+
+
+def test_detached_loss_and_odd_seeds_get_clear_answers():
+    import numpy as np
+
+    model, data = trained_net(), classification_data()
+    with pytest.raises(ValueError, match="does not depend on any trainable parameter"):
+        estimate_llc(model, lambda m, b: ce(m, b).detach(), data, config=SHORT, seed=0)
+    a = estimate_llc(model, ce, data, config=SHORT, seed=np.int64(3), on_failure="ignore")
+    b = estimate_llc(model, ce, data, config=SHORT, seed=3, on_failure="ignore")
+    assert torch.equal(a.loss_trace, b.loss_trace)
+    with pytest.raises(ValueError, match=r"`seed`.*2\*\*63"):
+        estimate_llc(model, ce, data, config=SHORT, seed=2**70)
