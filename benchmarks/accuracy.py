@@ -19,6 +19,7 @@ from torch import nn
 
 from slt_callbacks import SGLDConfig, estimate_llc
 from slt_callbacks.core.theory import (
+    NormalCrossing,
     finite_temperature_llc_2d,
     gaussian_nll,
     minimal_rank_teacher,
@@ -28,17 +29,6 @@ from slt_callbacks.core.theory import (
 )
 
 N = 10_000
-
-
-class NormalCrossing(nn.Module):
-    """K(w) = w1² w2⁴ at w* = 0."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(2, dtype=torch.float64))
-
-    def forward(self) -> torch.Tensor:
-        return self.w[0] ** 2 * self.w[1] ** 4
 
 
 def cases():

@@ -131,7 +131,25 @@ def minimal_rank_teacher(m: int, h: int, n: int, r: int, *, seed: int = 0) -> Tw
     return model
 
 
+class NormalCrossing(nn.Module):
+    """``K(w) = Π w_i^(2 k_i)`` at ``w* = 0`` (float64), with λ =
+    :func:`normal_crossing_lambda` ``(powers)``; its loss ignores the data:
+    ``loss_fn = lambda model, batch: model()``."""
+
+    def __init__(self, powers: tuple[int, ...] = (1, 2)) -> None:
+        super().__init__()
+        self.powers = tuple(powers)
+        self.w = nn.Parameter(torch.zeros(len(self.powers), dtype=torch.float64))
+
+    def forward(self) -> torch.Tensor:
+        out = torch.ones((), dtype=self.w.dtype)
+        for i, k in enumerate(self.powers):
+            out = out * self.w[i] ** (2 * k)
+        return out
+
+
 __all__ = [
+    "NormalCrossing",
     "TwoLayerLinear",
     "finite_temperature_llc_2d",
     "gaussian_nll",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from slt_callbacks.core.theory import (  # noqa: F401  (re-exported for the tests)
+    NormalCrossing,
     TwoLayerLinear,
     gaussian_nll,
     minimal_rank_teacher,
@@ -24,17 +25,6 @@ def regression_data(teacher, m: int, *, n: int = 10_000, batch: int = 500, seed:
 
 def wbic_n_beta(n: int) -> float:
     return n / math.log(n)
-
-
-class NormalCrossing(nn.Module):
-    """``K(w) = w1² w2⁴`` at w* = 0, λ = 1/4; the data are ignored."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(2, dtype=torch.float64))
-
-    def forward(self) -> torch.Tensor:
-        return self.w[0] ** 2 * self.w[1] ** 4
 
 
 def normal_crossing_loss(model: nn.Module, batch) -> torch.Tensor:

@@ -27,29 +27,18 @@ def test_mlp_on_cuda_leaves_model_and_rngs_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state()
     cfg = SGLDConfig(step_size=1e-4, n_beta=50.0, num_chains=4, num_draws=50, num_burnin_steps=10)
-    result = estimate_llc(
-        model,
-        lambda m, b: F.cross_entropy(m(b[0]), b[1]),
-        data,
-        config=cfg,
-        seed=0,
-        on_failure="ignore",
-        components={"first": "0.*"},
-    )
+    def estimate():
+        return estimate_llc(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), data,
+                            config=cfg, seed=0, on_failure="ignore",
+                            components={"first": "0.*"})
+
+    result = estimate()
     assert torch.isfinite(result.loss_trace).all()
     assert result.backend == "vmap"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), cpu_rng)
     assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
-    again = estimate_llc(
-        model,
-        lambda m, b: F.cross_entropy(m(b[0]), b[1]),
-        data,
-        config=cfg,
-        seed=0,
-        on_failure="ignore",
-        components={"first": "0.*"},
-    )
+    again = estimate()
     assert torch.equal(result.loss_trace, again.loss_trace)
 
 
