@@ -378,9 +378,26 @@ class StageTransitionMonitor(Callback):
                     f"Expected argument `components` to name components of the LLCMonitor "
                     f"({known}) but got unknown {missing}."
                 )
+        if llc_monitors and trainer.max_steps > 0:
+            self._warn_if_sparse(llc_monitors[0].schedule.steps_until(trainer.max_steps),
+                                 trainer.max_steps)
         self._sink = MetricSink.from_trainer(trainer)
         self._sink.define_metrics(self.prefix)
         self._logged_events = 0
+
+    def _warn_if_sparse(self, steps: list[int], max_step: int) -> None:
+        """The detector fits trends over ``config.window`` estimates: a schedule with fewer
+        estimates than that per decade confirms a stage only decades after it began."""
+        per_decade = sum(1 for s in steps if s > max_step / 10)
+        if max_step >= 100 and per_decade < self.config.window:
+            rank_zero_warn(
+                f"StageTransitionMonitor: the LLCMonitor's schedule has {per_decade} estimates "
+                f"in the last decade of training, but the detector fits trends over "
+                f"window={self.config.window} estimates, so a stage would be confirmed about "
+                f"{self.config.window / max(per_decade, 1):.1f} decades after it began. Use a "
+                "denser schedule, e.g. LLCMonitor(schedule=Schedule(log_per_decade=16)), or a "
+                "smaller DetectorConfig(window=...)."
+            )
 
     def on_llc_record(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, record: LLCRecord

@@ -463,3 +463,20 @@ def test_configurable_from_yaml():
     assert monitor.config == DetectorConfig(sensitivity=2.5, persistence=4, cooldown=3, window=10)
     assert monitor.components == ["L0.head0", "L1.head1"]
     assert (monitor.alert_level, monitor.alert_wait_s) == ("WARN", 3600.0)
+
+
+@pytest.mark.parametrize(("per_decade", "warns"), [(8, True), (16, False)])
+def test_setup_warns_when_the_llc_schedule_is_too_sparse_for_the_detector(
+    tmp_path, per_decade, warns
+):
+    from slt_callbacks import Schedule
+
+    stages = StageTransitionMonitor()
+    llc = LLCMonitor(schedule=Schedule(log_per_decade=per_decade))
+    trainer = Trainer(callbacks=[llc, stages], max_steps=1000, logger=CSVLogger(tmp_path),
+                      enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stages.setup(trainer, MagicMock(spec=LightningModule), "fit")
+    sparse = [w for w in caught if "denser schedule" in str(w.message)]
+    assert bool(sparse) is warns
