@@ -7,10 +7,9 @@ from .calibrate import (
     Choice,
     calibrate,
     choose,
-    top_hessian_eigenvalue,
 )
 from .config import SGLDConfig
-from .curvature import TraceEstimate, fisher_trace, hessian_trace
+from .curvature import TraceEstimate, fisher_trace, hessian_trace, top_hessian_eigenvalue
 from .diagnostics import HealthCriteria, Status
 from .llc import LLCEstimationError, LLCResult, estimate_llc, merge_results
 from .norms import weight_norms

@@ -69,16 +69,12 @@ import torch
 from torch import nn
 
 from .config import SGLDConfig
+from .curvature import top_hessian_eigenvalue
 from .data import build_pool
 from .diagnostics import HealthCriteria, Status
 from .functional import (
     LossFn,
-    LossModule,
     check_model_and_loss,
-    check_scalar_loss,
-    frozen_tensors,
-    loss_at,
-    module_mode,
     trainable_parameters,
 )
 from .llc import LLCResult, OnFailure, estimate_llc
@@ -497,83 +493,6 @@ def _no_healthy_reason(table: Sequence[CalibrationPoint]) -> str:
 
 
 # --------------------------------------------------------------------------- curvature
-
-
-def top_hessian_eigenvalue(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    *,
-    generator: torch.Generator,
-    num_iterations: int = 20,
-    rtol: float = 1e-3,
-) -> float:
-    r"""The largest-magnitude eigenvalue of the Hessian of ``loss_fn`` at the current weights,
-    by power iteration on Hessian-vector products.
-
-    Each product :math:`Hv` is reverse-over-reverse (:func:`torch.func.vjp` of
-    :func:`torch.func.grad`; forward-over-reverse fails with ``F.mse_loss``), the gradient
-    being linearised once. Iteration stops when the Rayleigh quotient :math:`v^\top H v`
-    changes by less than ``rtol`` relatively. The model is left untouched (evaluated with
-    :func:`torch.func.functional_call` in eval mode) and the global RNG is not used.
-
-    Args:
-        model: the network.
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the mean loss.
-        batch: one batch as ``loss_fn`` takes it.
-        generator: draws the start vector; on the parameters' device.
-        num_iterations: at most this many products.
-        rtol: relative tolerance of the stopping test.
-
-    Returns:
-        The Rayleigh quotient at the last iterate (signed: negative at a saddle whose
-        steepest direction is downhill); 0.0 when :math:`H v` vanishes.
-
-    Example:
-        >>> model = nn.Linear(2, 1, bias=False)
-        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-        >>> loss_fn = lambda m, b: 0.5 * (m(b) ** 2).sum(-1).mean()
-        >>> round(top_hessian_eigenvalue(model, loss_fn, x,
-        ...                              generator=torch.Generator().manual_seed(0)), 3)
-        2.0
-    """
-    _check_int("num_iterations", num_iterations, minimum=1)
-    params = trainable_parameters(model)
-    primals = {name: p.detach() for name, p in params.items()}
-    fixed = frozen_tensors(model)
-    wrapper = LossModule(model, loss_fn)
-
-    def loss(trainable: dict[str, torch.Tensor]) -> torch.Tensor:
-        return check_scalar_loss(loss_at(wrapper, {**fixed, **trainable}, batch))
-
-    device = next(iter(primals.values())).device
-    fork_devices = [device] if device.type == "cuda" else []
-    with module_mode(model, train=False), torch.random.fork_rng(devices=fork_devices), \
-            torch.enable_grad():
-        _, hvp = torch.func.vjp(torch.func.grad(loss), primals)
-        v = {
-            n: torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-            for n, p in primals.items()
-        }
-        v = _normalised(v)
-        value = 0.0
-        for _ in range(num_iterations):
-            (hv,) = hvp(v)
-            new = float(sum((v[n] * hv[n]).sum() for n in v))
-            norm = math.sqrt(float(sum(h.square().sum() for h in hv.values())))
-            if norm == 0.0 or not math.isfinite(norm):
-                return 0.0 if norm == 0.0 else float("nan")
-            converged = abs(new - value) <= rtol * abs(new)
-            value = new
-            if converged:
-                break
-            v = {n: h / norm for n, h in hv.items()}
-    return value
-
-
-def _normalised(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    norm = math.sqrt(float(sum(t.square().sum() for t in v.values())))
-    return {n: t / norm for n, t in v.items()}
 
 
 # --------------------------------------------------------------------------- calibrate

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +33,11 @@ from slt_callbacks.core.functional import (
     frozen_tensors,
     loss_at,
     module_mode,
+    preserve_rng,
     trainable_parameters,
 )
 
-__all__ = ["TraceEstimate", "fisher_trace", "hessian_trace"]
+__all__ = ["TraceEstimate", "fisher_trace", "hessian_trace", "top_hessian_eigenvalue"]
 
 
 @dataclass(frozen=True)
@@ -132,23 +133,11 @@ def hessian_trace(
     params = _trainable(model)
     _check_generator(generator, params)
     primals = {name: p.detach() for name, p in params.items()}
-    fixed = frozen_tensors(model)
-    wrapper = LossModule(model, loss_fn)
-
-    def loss(trainable: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_at(wrapper, {**fixed, **trainable}, batch).reshape(())
-
-    with (
-        module_mode(model, train=False),
-        _preserve_rng(next(iter(primals.values())).device),
-        _pure_loss_required(),
-    ):
-        _check_loss(wrapper, fixed, primals, batch)
+    with _second_order(model, primals):
+        hvp = _linearised_hvp(model, loss_fn, batch, primals)
         probes = {
             name: _rademacher((num_probes, *p.shape), p, generator) for name, p in primals.items()
         }
-        # Linearise grad once; each probe then costs one backward through that graph.
-        _, hvp = torch.func.vjp(torch.func.grad(loss), primals)
 
         def quadratic_form(v: dict[str, torch.Tensor]) -> torch.Tensor:
             (hv,) = hvp(v)
@@ -236,7 +225,7 @@ def fisher_trace(
     rows = tuple(leaves[i] for i in batched)
     with (
         module_mode(model, train=False),
-        _preserve_rng(next(iter(primals.values())).device),
+        preserve_rng(next(iter(primals.values())).device),
         _pure_loss_required(),
     ):
         _check_loss(wrapper, fixed, primals, batch)
@@ -258,6 +247,105 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
             "of its parameters are frozen (or it has none)."
         )
     return params
+
+
+@contextlib.contextmanager
+def _second_order(model: nn.Module, primals: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Where Hessian-vector products are taken: eval mode, the caller's RNG preserved, grad
+    enabled, and functorch's in-place-mutation error explained."""
+    with (
+        module_mode(model, train=False),
+        preserve_rng(next(iter(primals.values())).device),
+        torch.enable_grad(),
+        _pure_loss_required(),
+    ):
+        yield
+
+
+def _linearised_hvp(
+    model: nn.Module, loss_fn: LossFn, batch: Any, primals: dict[str, torch.Tensor]
+) -> Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor]]]:
+    """``v -> (H v,)`` at ``primals``, reverse-over-reverse (forward-over-reverse fails with
+    ``F.mse_loss``). The gradient is linearised once, so each product costs one backward.
+    The loss is first checked to be a scalar, outside the transforms, so a per-sample loss
+    is reported as such rather than as an obscure transform error."""
+    fixed = frozen_tensors(model)
+    wrapper = LossModule(model, loss_fn)
+
+    def loss(trainable: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_at(wrapper, {**fixed, **trainable}, batch).reshape(())
+
+    _check_loss(wrapper, fixed, primals, batch)
+    _, hvp = torch.func.vjp(torch.func.grad(loss), primals)
+    return hvp
+
+
+def top_hessian_eigenvalue(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    generator: torch.Generator,
+    num_iterations: int = 20,
+    rtol: float = 1e-3,
+) -> float:
+    r"""The largest-magnitude eigenvalue of the Hessian of ``loss_fn`` at the current weights,
+    by power iteration on Hessian-vector products.
+
+    Iteration stops when the Rayleigh quotient :math:`v^\top H v` changes by less than
+    ``rtol`` relatively. The model is left untouched (evaluated with
+    :func:`torch.func.functional_call` in eval mode) and the global RNG is not used.
+
+    Args:
+        model: the network.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the mean loss.
+        batch: one batch as ``loss_fn`` takes it.
+        generator: draws the start vector; on the parameters' device.
+        num_iterations: at most this many products.
+        rtol: relative tolerance of the stopping test.
+
+    Returns:
+        The Rayleigh quotient at the last iterate (signed: negative at a saddle whose
+        steepest direction is downhill); 0.0 when :math:`H v` vanishes.
+
+    Example:
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> loss_fn = lambda m, b: 0.5 * (m(b) ** 2).sum(-1).mean()
+        >>> round(top_hessian_eigenvalue(model, loss_fn, x,
+        ...                              generator=torch.Generator().manual_seed(0)), 3)
+        2.0
+    """
+    _check_positive_int(num_iterations, "num_iterations")
+    primals = {name: p.detach() for name, p in _trainable(model).items()}
+    with _second_order(model, primals):
+        hvp = _linearised_hvp(model, loss_fn, batch, primals)
+        v = {
+            n: torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
+            for n, p in primals.items()
+        }
+        v = _scaled(v, 1.0 / _norm(v))
+        value = 0.0
+        for _ in range(num_iterations):
+            (hv,) = hvp(v)
+            new = float(sum((v[n] * hv[n]).sum() for n in v))
+            norm = _norm(hv)
+            if norm == 0.0 or not math.isfinite(norm):
+                return 0.0 if norm == 0.0 else float("nan")
+            converged = abs(new - value) <= rtol * abs(new)
+            value = new
+            if converged:
+                break
+            v = _scaled(hv, 1.0 / norm)
+    return value
+
+
+def _norm(v: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(float(sum(t.square().sum() for t in v.values())))
+
+
+def _scaled(v: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
+    return {n: t * factor for n, t in v.items()}
 
 
 def _check_loss(
@@ -325,20 +413,6 @@ def _check_generator(generator: Any, params: dict[str, nn.Parameter]) -> None:
 def _same_device(a: torch.device, b: torch.device) -> bool:
     # An index-less device ("cuda") means the current one; do not reject it on that alone.
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
-@contextlib.contextmanager
-def _preserve_rng(device: torch.device) -> Iterator[None]:
-    """Restore the global CPU (and this accelerator's) RNG state, in case ``loss_fn`` draws."""
-    if device.type == "cpu":
-        with torch.random.fork_rng(devices=[]):
-            yield
-        return
-    index = device.index
-    if index is None:
-        index = torch.get_device_module(device.type).current_device()
-    with torch.random.fork_rng(devices=[index], device_type=device.type):
-        yield
 
 
 @contextlib.contextmanager

@@ -139,3 +139,18 @@ def check_model_and_loss(model: Any, loss_fn: Any) -> None:
             "Expected argument `loss_fn` to be a callable loss_fn(model, batch) -> scalar "
             f"Tensor but got {type(loss_fn).__name__}."
         )
+
+
+@contextlib.contextmanager
+def preserve_rng(device: torch.device) -> Iterator[None]:
+    """Restore the global CPU RNG, and that of ``device`` if it is an accelerator, after the
+    block: a user's loss may draw random numbers, and the caller's stream must not move."""
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            yield
+        return
+    index = device.index
+    if index is None:
+        index = torch.get_device_module(device.type).current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        yield

@@ -33,6 +33,7 @@ from .functional import (
     check_model_and_loss,
     frozen_tensors,
     module_mode,
+    preserve_rng,
     trainable_parameters,
 )
 from .restrict import Selector, component_mask, resolve_components
@@ -288,17 +289,16 @@ def estimate_llc(
     layout = FlatLayout.of(params)
     theta0 = layout.flatten(params, dtype)
     masks = _component_masks(layout, params, resolved, dtype)
-    fork_devices = [device] if device.type == "cuda" else []
     with (
-        torch.random.fork_rng(devices=fork_devices),
+        preserve_rng(device),
         module_mode(model, train=config.train_mode),
         torch.inference_mode(False),
         torch.enable_grad(),
     ):
         # Only user code that draws from the global RNG (dropout in train_mode) sees this
-        # seed; fork_rng restores the caller's state afterwards.
+        # seed; preserve_rng restores the caller's state afterwards.
         inner_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
-        # Not torch.manual_seed: it reseeds every CUDA device, and fork_rng restores only
+        # Not torch.manual_seed: it reseeds every CUDA device, and preserve_rng restores only
         # the CPU generator and the model's device.
         torch.default_generator.manual_seed(inner_seed)
         if device.type == "cuda":
