@@ -52,25 +52,12 @@ from slt_callbacks.detect import (
     compare_events,
     retrospective_stages,
 )
+from slt_callbacks.synthetic import SCENARIOS, synthetic_curve
 
 NUM_SEEDS = 50
 SEED_OFFSET = 10_000
 NOISES = (0.03, 0.10)
 TOLERANCE = 5  # checkpoints, ~0.25 decade
-
-# name: (knots in log10 step, λ̂ at the knots, loss at the knots, kinds of the interior knots)
-SCENARIOS: dict[str, tuple[list[float], list[float], list[float], list[str]]] = {
-    "rise_plateau": ([0, 3, 5], [5, 45, 45], [2.0, 0.3, 0.3], ["turn"]),
-    "plateau_rise": ([0, 2.5, 5], [10, 10, 60], [1.0, 1.0, 0.2], ["acquire"]),
-    "rise_fall": ([0, 2.5, 5], [5, 50, 15], [2.0, 0.4, 0.4], ["simplify"]),
-    "multi_stage": (
-        [0, 1.8, 2.8, 3.6, 5],
-        [5, 30, 30, 60, 30],
-        [2.0, 0.8, 0.8, 0.3, 0.3],
-        ["turn", "acquire", "simplify"],
-    ),
-    "trendless": ([0, 5], [20, 20], [0.5, 0.5], []),
-}
 
 
 @dataclass
@@ -83,36 +70,27 @@ class Series:
 
 
 def make_series(name: str, seed: int, noise: float, *, std_known: bool = True) -> Series:
-    knots, levels, losses, kinds = SCENARIOS[name]
-    rng = np.random.default_rng(seed)
-    steps = np.unique(np.geomspace(1, 1e5, 100).round().astype(int))
-    x = np.log10(steps + 1)
-    true = np.interp(x, knots, levels)
-    std = noise * true
-    llc = true + std * rng.standard_normal(x.size)
-    reported = std * np.sqrt(rng.chisquare(3, x.size) / 3)  # a 4-chain std estimate
-    if not std_known:
-        reported = np.full(x.size, np.nan)
-    loss = np.exp(np.interp(x, knots, np.log(losses))) * (1 + 0.01 * rng.standard_normal(x.size))
-    truth = []
-    for i, (knot, kind) in enumerate(zip(knots[1:-1], kinds, strict=True)):
-        at = int(np.argmin(np.abs(x - knot)))
-        truth.append(
-            StageBoundary(
-                step=int(steps[at]),
-                checkpoint=at,
-                log_step=float(knot),
-                kind=StageKind(kind),
-                previous_regime=Regime.UNCERTAIN,
-                new_regime=Regime.UNCERTAIN,
-                llc=float(true[at]),
-                loss=None,
-                slope=0.0,
-                stage=i + 1,
-                message="true change point",
-            )
+    curve = synthetic_curve(name, seed, noise, std_known=std_known)
+    knots, levels = SCENARIOS[name][0], SCENARIOS[name][1]
+    truth = [
+        StageBoundary(
+            step=int(curve.steps[at]),
+            checkpoint=at,
+            log_step=float(knot),
+            kind=StageKind(kind),
+            previous_regime=Regime.UNCERTAIN,
+            new_regime=Regime.UNCERTAIN,
+            llc=float(np.interp(knot, knots, levels)),
+            loss=None,
+            slope=0.0,
+            stage=i + 1,
+            message="true change point",
         )
-    return Series(steps, llc, reported, loss, truth)
+        for i, (at, knot, kind) in enumerate(
+            zip(curve.changes, knots[1:-1], curve.kinds, strict=True)
+        )
+    ]
+    return Series(curve.steps, curve.llc, curve.llc_std, curve.loss, truth)
 
 
 def online(config: DetectorConfig) -> Callable[[Series], list[StageEvent]]:

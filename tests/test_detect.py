@@ -31,20 +31,7 @@ from slt_callbacks.detect import (
     smooth_log_step,
     trend_threshold,
 )
-
-# name: (knots in log10 step, λ̂ at the knots, loss at the knots, kinds of interior knots)
-SCENARIOS = {
-    "rise_plateau": ([0, 3, 5], [5, 45, 45], [2.0, 0.3, 0.3], ["turn"]),
-    "plateau_rise": ([0, 2.5, 5], [10, 10, 60], [1.0, 1.0, 0.2], ["acquire"]),
-    "rise_fall": ([0, 2.5, 5], [5, 50, 15], [2.0, 0.4, 0.4], ["simplify"]),
-    "multi_stage": (
-        [0, 1.8, 2.8, 3.6, 5],
-        [5, 30, 30, 60, 30],
-        [2.0, 0.8, 0.8, 0.3, 0.3],
-        ["turn", "acquire", "simplify"],
-    ),
-    "trendless": ([0, 5], [20, 20], [0.5, 0.5], []),
-}
+from slt_callbacks.synthetic import synthetic_curve
 
 # Online detection cannot be instantaneous: the window (15 checkpoints) must see the new
 # trend and it must then persist (3). Over 100 seeds of each case below the delays were 4-22
@@ -55,22 +42,7 @@ MAX_DELAY = 24
 MAX_LOCATION_ERROR = 6
 
 
-def make_series(name, seed, noise, *, std_known=True, num=100):
-    """Steps, λ̂, reported chain std, loss, true change-point indices, true kinds."""
-    knots, levels, losses, kinds = SCENARIOS[name]
-    rng = np.random.default_rng(seed)
-    steps = np.unique(np.geomspace(1, 1e5, num).round().astype(int))
-    x = np.log10(steps + 1)
-    true = np.interp(x, knots, levels)
-    std = noise * true
-    llc = true + std * rng.standard_normal(x.size)
-    # The reported chain std is itself an estimate (4 chains: 3 degrees of freedom).
-    reported = std * np.sqrt(rng.chisquare(3, x.size) / 3)
-    if not std_known:
-        reported = np.full(x.size, np.nan)
-    loss = np.exp(np.interp(x, knots, np.log(losses))) * (1 + 0.01 * rng.standard_normal(x.size))
-    changes = [int(np.argmin(np.abs(x - knot))) for knot in knots[1:-1]]
-    return steps, llc, reported, loss, changes, kinds
+make_series = synthetic_curve
 
 
 def feed(detector, steps, llc, std, loss, start=0, stop=None):
