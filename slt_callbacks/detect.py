@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import check_int, check_number
+
 __all__ = [
     "DetectorConfig",
     "Regime",
@@ -102,25 +104,6 @@ class StageKind(str, Enum):
         return self.value
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"Expected `{name}` to be an integer >= {minimum} but got {value!r}.")
-    return int(value)
-
-
-def _check_float(name: str, value: Any, minimum: float, *, strict: bool) -> float:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, numbers.Real)
-        and math.isfinite(value)
-        and (value > minimum if strict else value >= minimum)
-    )
-    if not ok:
-        bound = ">" if strict else ">="
-        raise ValueError(
-            f"Expected `{name}` to be a finite number {bound} {minimum} but got {value!r}."
-        )
-    return float(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,19 +153,15 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         checked: dict[str, float | int] = {
-            "sensitivity": _check_float("sensitivity", self.sensitivity, 0.0, strict=True),
-            "flat_threshold": _check_float("flat_threshold", self.flat_threshold, 0.0, strict=True),
-            "persistence": _check_int("persistence", self.persistence, 1),
-            "cooldown": _check_int("cooldown", self.cooldown, 0),
+            "sensitivity": check_number("sensitivity", self.sensitivity, strict=True),
+            "flat_threshold": check_number("flat_threshold", self.flat_threshold, strict=True),
+            "persistence": check_int("persistence", self.persistence, minimum=1),
+            "cooldown": check_int("cooldown", self.cooldown, minimum=0),
             # A line through w points leaves w - 2 residual degrees of freedom; fewer than 5
             # points leave too few to tell a trend from noise.
-            "window": _check_int("window", self.window, 5),
-            "flat_loss_tolerance": _check_float(
-                "flat_loss_tolerance", self.flat_loss_tolerance, 0.0, strict=False
-            ),
-            "min_relative_slope": _check_float(
-                "min_relative_slope", self.min_relative_slope, 0.0, strict=False
-            ),
+            "window": check_int("window", self.window, minimum=5),
+            "flat_loss_tolerance": check_number("flat_loss_tolerance", self.flat_loss_tolerance),
+            "min_relative_slope": check_number("min_relative_slope", self.min_relative_slope),
         }
         if checked["flat_threshold"] > checked["sensitivity"]:
             raise ValueError(
@@ -1043,7 +1022,7 @@ def smooth_log_step(
     y = y_all[keep]
     if smoothing is None:
         smoothing = 4.0 * float(np.median(np.diff(x)))
-    bandwidth = _check_float("smoothing", smoothing, 0.0, strict=True)
+    bandwidth = check_number("smoothing", smoothing, strict=True)
 
     std = chain_std[keep]
     noise = _noise_model(np.where(std > 0, std * std, math.nan), x, y)
@@ -1202,7 +1181,7 @@ def retrospective_stages(
         The boundaries in order of step; empty if the curve has a single regime.
     """
     cfg = DetectorConfig() if config is None else config
-    min_points = _check_int("min_points", min_points, 1)
+    min_points = check_int("min_points", min_points, minimum=1)
     curve = smooth_log_step(steps, llcs, llc_stds=llc_stds, smoothing=smoothing)
     x, slope = curve.log_steps, curve.slope
     loss_all = np.full(len(np.asarray(llcs)), math.nan)
@@ -1219,7 +1198,7 @@ def retrospective_stages(
         for s, se, m in zip(slope, curve.slope_stderr, curve.smoothed, strict=True)
     ]
     extent = curve.bandwidth if min_stage_decades is None else min_stage_decades
-    extent = _check_float("min_stage_decades", extent, 0.0, strict=False)
+    extent = check_number("min_stage_decades", extent, strict=False)
     runs = _segments(regimes, x, min_points, extent)
     boundaries: list[StageBoundary] = []
     for (before, first_a, last_a), (after, first_b, last_b) in itertools.pairwise(runs):
@@ -1287,7 +1266,7 @@ def compare_events(
         boundary, over matched pairs), ``mean_location_error_checkpoints``,
         ``kind_agreement`` (fraction of matched pairs of the same kind) and ``pairs``.
     """
-    tolerance = _check_int("tolerance_checkpoints", tolerance_checkpoints, 0)
+    tolerance = check_int("tolerance_checkpoints", tolerance_checkpoints, minimum=0)
     grid = None if steps is None else np.asarray(steps)
 
     def position(step: int, own: int) -> int:

@@ -36,6 +36,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._checks import check_int
+
 __all__ = ["Schedule", "coerce"]
 
 DEFAULT_LOG_PER_DECADE = 8
@@ -169,13 +171,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    if not _is_int(value) or value < minimum:
-        kind = "a positive" if minimum == 1 else "a non-negative"
-        raise ValueError(f"Expected argument `{name}` to be {kind} int but got {value!r}")
-    return int(value)
-
-
 def _check_steps(steps: Any, start: int, stop: int | None) -> tuple[int, ...]:
     if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
         raise ValueError(f"Expected argument `steps` to be a list of ints but got {steps!r}")
@@ -256,7 +251,7 @@ class Schedule:
         start: int = 0,
         stop: int | None = None,
     ) -> None:
-        start = _check_int("start", start, minimum=0)
+        start = check_int("start", start, minimum=0)
         if stop is not None and (not _is_int(stop) or stop <= start):
             raise ValueError(
                 f"Expected argument `stop` to be None or an int greater than `start` ({start})"
@@ -266,9 +261,9 @@ class Schedule:
             log_per_decade = DEFAULT_LOG_PER_DECADE
         rules: list[_Rule] = []
         if every is not None:
-            rules.append(_Every(_check_int("every", every, minimum=1), start, stop))
+            rules.append(_Every(check_int("every", every, minimum=1), start, stop))
         if log_per_decade is not None:
-            per_decade = _check_int("log_per_decade", log_per_decade, minimum=1)
+            per_decade = check_int("log_per_decade", log_per_decade, minimum=1)
             rules.append(_LogSpaced(per_decade, start, stop))
         if steps is not None:
             rules.append(_At(_check_steps(steps, start, stop)))
@@ -359,7 +354,7 @@ class Schedule:
         Raises:
             ValueError: ``max_step`` is not a non-negative int.
         """
-        max_step = _check_int("max_step", max_step, minimum=0)
+        max_step = check_int("max_step", max_step, minimum=0)
         if not _is_plain(self):
             return [step for step in range(max_step + 1) if self.should_run(step)]
         steps: set[int] = set()

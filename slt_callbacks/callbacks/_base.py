@@ -46,6 +46,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from slt_callbacks._checks import check_int
 from slt_callbacks.core.config import DEFAULT_MAX_BATCHES
 from slt_callbacks.core.functional import (
     LossFn,
@@ -296,10 +297,7 @@ class _ScheduledMonitor(Callback):
         data: Iterable[Any] | None = None,
     ) -> None:
         self.schedule = coerce(schedule)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(
-                f"Expected argument `seed` to be a non-negative int but got {seed!r}."
-            )
+        seed = check_int("seed", seed, minimum=0)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(
                 f"Expected argument `prefix` to be a non-empty string but got {prefix!r}."

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.utils._pytree as pytree
 
+from slt_callbacks._checks import check_int, check_optional_int
 from slt_callbacks.core.curvature import TraceEstimate, fisher_trace, hessian_trace
 from slt_callbacks.core.functional import LossFn
 
@@ -81,18 +82,10 @@ class HessianTraceMonitor(_ScheduledMonitor):
         prefix: str = "slt/",
     ) -> None:
         super().__init__(schedule=schedule, seed=seed, prefix=prefix, loss_fn=loss_fn, data=data)
-        for name, value in (("num_probes", num_probes), ("num_batches", num_batches)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"Expected argument `{name}` to be a positive int but got {value!r}."
-                )
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(
-                "Expected argument `chunk_size` to be None or a positive int but got "
-                f"{chunk_size!r}."
-            )
+        num_probes, num_batches = check_int("num_probes", num_probes), check_int(
+            "num_batches", num_batches
+        )
+        chunk_size = check_optional_int("chunk_size", chunk_size)
         if not isinstance(fisher, bool):
             raise ValueError(f"Expected argument `fisher` to be a bool but got {fisher!r}.")
         self.num_probes = num_probes

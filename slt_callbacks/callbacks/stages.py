@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from slt_callbacks._checks import check_number, check_optional_int
 from slt_callbacks.core.diagnostics import Status
 from slt_callbacks.detect import (
     DetectorConfig,
@@ -225,7 +225,7 @@ class StageTransitionMonitor(Callback):
             )
         self.config = DetectorConfig() if config is None else config
         self.components = _check_components(components)
-        self.num_chains = _check_optional_int("num_chains", num_chains)
+        self.num_chains = check_optional_int("num_chains", num_chains)
         if on_event is not None and not callable(on_event):
             raise ValueError(
                 "Expected argument `on_event` to be None or a callable on_event(event) but got "
@@ -238,7 +238,7 @@ class StageTransitionMonitor(Callback):
                 f"{alert_level!r}."
             )
         self.alert_level = alert_level
-        self.alert_wait_s = _check_number("alert_wait_s", alert_wait_s, strict=True)
+        self.alert_wait_s = check_number("alert_wait_s", alert_wait_s, strict=True)
         for name, flag in (
             ("retrospective", retrospective),
             ("relations", relations),
@@ -249,10 +249,10 @@ class StageTransitionMonitor(Callback):
         self.retrospective = retrospective
         self.relations = relations
         self.verbose = verbose
-        self.relation_sensitivity = _check_number(
+        self.relation_sensitivity = check_number(
             "relation_sensitivity", relation_sensitivity, strict=False
         )
-        self.chart_every = _check_optional_int("chart_every", chart_every)
+        self.chart_every = check_optional_int("chart_every", chart_every)
         self.accept_statuses = _check_statuses(accept_statuses)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(
@@ -784,27 +784,6 @@ def _check_components(components: Any) -> bool | list[str]:
             f"{components!r}."
         )
     return names
-
-
-def _check_optional_int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"Expected argument `{name}` to be None or an int >= 1 but got {value!r}.")
-    return int(value)
-
-
-def _check_number(name: str, value: Any, *, strict: bool) -> float:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, numbers.Real)
-        and math.isfinite(value)
-        and (value > 0 if strict else value >= 0)
-    )
-    if not ok:
-        bound = "positive" if strict else "non-negative"
-        raise ValueError(f"Expected argument `{name}` to be a {bound} number but got {value!r}.")
-    return float(value)
 
 
 def _check_statuses(statuses: Any) -> tuple[str, ...]:

@@ -68,6 +68,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .._checks import check_int, check_number
 from .config import SGLDConfig
 from .curvature import top_hessian_eigenvalue
 from .data import build_pool
@@ -320,8 +321,8 @@ def choose(
         >>> choose(rows)[0]
         2
     """
-    _check_nonnegative_float("max_slope", max_slope)
-    _check_nonnegative_float("num_std_errors", num_std_errors)
+    check_number("max_slope", max_slope)
+    check_number("num_std_errors", num_std_errors)
     series = _series(table)
     if not any(table[i].healthy for indices in series for i in indices):
         return Choice(None, _no_healthy_reason(table), False)
@@ -751,11 +752,11 @@ def _check_arguments(
             f"Expected argument `base` to be an SGLDConfig or None but got "
             f"{type(base).__name__}."
         )
-    _check_int("num_draws", num_draws, minimum=2)
-    _check_int("num_burnin_steps", num_burnin_steps, minimum=0)
-    _check_int("num_chains", num_chains, minimum=2)
-    _check_int("seed", seed, minimum=0)
-    _check_int("num_power_iterations", num_power_iterations, minimum=0)
+    check_int("num_draws", num_draws, minimum=2)
+    check_int("num_burnin_steps", num_burnin_steps, minimum=0)
+    check_int("num_chains", num_chains, minimum=2)
+    check_int("seed", seed, minimum=0)
+    check_int("num_power_iterations", num_power_iterations, minimum=0)
     if not isinstance(common_random_numbers, bool):
         raise ValueError(
             "Expected argument `common_random_numbers` to be a bool but got "
@@ -765,20 +766,6 @@ def _check_arguments(
         raise ValueError(
             "Expected argument `on_failure` to be 'warn', 'raise' or 'ignore' but got "
             f"{on_failure!r}."
-        )
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"Expected argument `{name}` to be an int >= {minimum} but got {value!r}.")
-
-
-def _check_nonnegative_float(name: str, value: Any) -> None:
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value) and value >= 0)
-    if not ok:
-        raise ValueError(
-            f"Expected argument `{name}` to be a non-negative finite float but got {value!r}."
         )
 
 

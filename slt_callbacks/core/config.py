@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import torch
 
+from .._checks import check_int, check_number, check_optional_int
+
 Backend = Literal["auto", "vmap", "loop"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -87,16 +89,21 @@ class SGLDConfig:
     train_mode: bool = False
 
     def __post_init__(self) -> None:
-        _positive_float("step_size", self.step_size)
+        # Stored back through the checks: numpy scalars become plain numbers, which
+        # checkpoints loaded with weights_only=True require.
+        def store(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        store("step_size", check_number("step_size", self.step_size, strict=True))
         if self.n_beta is not None:
-            _positive_float("n_beta", self.n_beta)
-        _positive_float("localization", self.localization, allow_zero=True)
-        _positive_int("num_chains", self.num_chains)
-        _positive_int("num_draws", self.num_draws, minimum=2)
-        _positive_int("num_burnin_steps", self.num_burnin_steps, minimum=0)
-        _positive_float("noise_level", self.noise_level)
+            store("n_beta", check_number("n_beta", self.n_beta, strict=True))
+        store("localization", check_number("localization", self.localization))
+        store("num_chains", check_int("num_chains", self.num_chains))
+        store("num_draws", check_int("num_draws", self.num_draws, minimum=2))
+        store("num_burnin_steps", check_int("num_burnin_steps", self.num_burnin_steps, minimum=0))
+        store("noise_level", check_number("noise_level", self.noise_level, strict=True))
         if self.max_grad_norm is not None:
-            _positive_float("max_grad_norm", self.max_grad_norm)
+            store("max_grad_norm", check_number("max_grad_norm", self.max_grad_norm, strict=True))
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(
                 f"Expected argument `dtype` to be one of {sorted(DTYPES)} or None but got "
@@ -107,8 +114,7 @@ class SGLDConfig:
                 f"Expected argument `autocast` to be one of {sorted(AUTOCAST_DTYPES)} or None "
                 f"but got {self.autocast!r}."
             )
-        if self.num_batches is not None:
-            _positive_int("num_batches", self.num_batches)
+        store("num_batches", check_optional_int("num_batches", self.num_batches))
         if self.backend not in ("auto", "vmap", "loop"):
             raise ValueError(
                 "Expected argument `backend` to be 'auto', 'vmap' or 'loop' but got "
@@ -147,20 +153,3 @@ class SGLDConfig:
         if unknown:
             raise ValueError(f"Unknown SGLDConfig field(s) {unknown}; known: {sorted(known)}.")
         return cls(**values)
-
-
-def _positive_float(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value >= 0 if allow_zero else value > 0)
-    )
-    if not ok:
-        kind = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"Expected argument `{name}` to be {kind} finite float but got {value!r}.")
-
-
-def _positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"Expected argument `{name}` to be an int >= {minimum} but got {value!r}.")

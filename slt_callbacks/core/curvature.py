@@ -26,6 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from slt_callbacks._checks import check_int, check_optional_int
 from slt_callbacks.core.functional import (
     LossFn,
     LossModule,
@@ -128,8 +129,8 @@ def hessian_trace(
         >>> est.num_samples
         32
     """
-    _check_positive_int(num_probes, "num_probes")
-    _check_chunk_size(chunk_size)
+    check_int("num_probes", num_probes)
+    check_optional_int("chunk_size", chunk_size)
     params = _trainable(model)
     _check_generator(generator, params)
     primals = {name: p.detach() for name, p in params.items()}
@@ -201,7 +202,7 @@ def fisher_trace(
         >>> fisher_trace(model, loss_fn, (x, y)).num_samples
         8
     """
-    _check_chunk_size(chunk_size)
+    check_optional_int("chunk_size", chunk_size)
     params = _trainable(model)
     leaves, spec = pytree.tree_flatten(batch)
     batched = _batched_leaf_indices(leaves)
@@ -316,7 +317,7 @@ def top_hessian_eigenvalue(
         ...                              generator=torch.Generator().manual_seed(0)), 3)
         2.0
     """
-    _check_positive_int(num_iterations, "num_iterations")
+    check_int("num_iterations", num_iterations)
     primals = {name: p.detach() for name, p in _trainable(model).items()}
     with _second_order(model, primals):
         hvp = _linearised_hvp(model, loss_fn, batch, primals)
@@ -382,17 +383,6 @@ def _rademacher(
 ) -> torch.Tensor:
     bits = torch.randint(0, 2, shape, generator=generator, device=like.device, dtype=like.dtype)
     return bits.mul_(2).sub_(1)
-
-
-def _check_positive_int(value: Any, argument: str) -> None:
-    # bool is an int subclass; `num_probes=True` is a mistake, not one probe.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Expected `{argument}` to be a positive int but got {value!r}.")
-
-
-def _check_chunk_size(chunk_size: Any) -> None:
-    if chunk_size is not None:
-        _check_positive_int(chunk_size, "chunk_size")
 
 
 def _check_generator(generator: Any, params: dict[str, nn.Parameter]) -> None:

@@ -23,6 +23,8 @@ from enum import Enum
 
 import torch
 
+from .._checks import check_number
+
 
 class Status(str, Enum):
     """Health of an estimate, most severe first. The value is the short code that is logged."""
@@ -65,11 +67,7 @@ class HealthCriteria:
 
     def __post_init__(self) -> None:
         for name in ("min_acceptance", "max_relative_drift", "drift_z", "min_drift"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(
-                    f"Expected argument `{name}` to be a non-negative float but got {value!r}."
-                )
+            object.__setattr__(self, name, check_number(name, getattr(self, name)))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .._checks import check_int
+
 Selector = str | Sequence[str] | Mapping[str, torch.Tensor]
 """A glob, a list of globs, or ``{parameter_name: bool mask}``."""
 
@@ -228,8 +230,7 @@ def fused_qkv_head_components(
     Raises:
         ValueError: the module is not a Linear, or the head counts do not divide its width.
     """
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"Expected `num_heads` to be a positive int but got {num_heads!r}.")
+    num_heads = check_int("num_heads", num_heads)
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(

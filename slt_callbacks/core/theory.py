@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_int
+
 
 def reduced_rank_regression_lambda(m: int, h: int, n: int, r: int) -> float:
     """Learning coefficient of a two-layer linear network ``x -> B A x`` (input ``m``, hidden
@@ -30,11 +32,9 @@ def reduced_rank_regression_lambda(m: int, h: int, n: int, r: int) -> float:
         >>> reduced_rank_regression_lambda(3, 2, 4, 1)
         4.0
     """
-    for name, value in (("m", m), ("h", h), ("n", n), ("r", r)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(
-                f"Expected argument `{name}` to be a non-negative int but got {value!r}."
-            )
+    m, h, n, r = (
+        check_int(name, v, minimum=0) for name, v in zip("mhnr", (m, h, n, r), strict=True)
+    )
     if r > min(m, h, n):
         raise ValueError(f"Expected `r` <= min(m, h, n) = {min(m, h, n)} but got {r}.")
     if m + h < n + r:
