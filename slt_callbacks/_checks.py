@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping, Set
 from typing import Any
 
 
@@ -60,3 +61,15 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = 
             f"be a finite number {bound}."
         )
     return float(value)
+
+
+def check_state(owner: str, state: Mapping[str, Any], expected: Set[str], version: int) -> None:
+    """A checkpointed state has exactly the ``expected`` keys and this ``version``."""
+    missing, unknown = expected - set(state), set(state) - expected
+    if missing or unknown:
+        raise ValueError(
+            f"Expected a {owner} state with keys {sorted(expected)}; "
+            f"missing {sorted(missing)}, unknown {sorted(unknown)}."
+        )
+    if state["version"] != version:
+        raise ValueError(f"Expected {owner} state version {version} but got {state['version']!r}.")

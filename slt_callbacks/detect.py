@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_int, check_number
+from ._checks import check_int, check_number, check_state
 
 __all__ = [
     "DetectorConfig",
@@ -908,18 +908,7 @@ class StageDetector:
         Raises:
             ValueError: keys are missing or unknown, or the version is not supported.
         """
-        expected = set(self.state_dict())
-        missing, unknown = expected - set(state), set(state) - expected
-        if missing or unknown:
-            raise ValueError(
-                f"Expected a StageDetector state with keys {sorted(expected)}; "
-                f"missing {sorted(missing)}, unknown {sorted(unknown)}."
-            )
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(
-                f"Expected StageDetector state version {_STATE_VERSION} but got "
-                f"{state['version']!r}."
-            )
+        check_state("StageDetector", state, set(self.state_dict()), _STATE_VERSION)
 
         def nan_if_none(values: list[float | None]) -> list[float]:
             return [math.nan if v is None else float(v) for v in values]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from slt_callbacks._checks import check_number, check_optional_int
+from slt_callbacks._checks import check_number, check_optional_int, check_state
 from slt_callbacks.core.diagnostics import Status
 from slt_callbacks.detect import (
     DetectorConfig,
@@ -332,18 +332,12 @@ class StageTransitionMonitor(Callback):
         Raises:
             ValueError: keys are missing or unknown, or the version is not supported.
         """
-        expected = {"version", "detectors", "events", "records", "rejected", "last_step"}
-        missing, unknown = expected - set(state_dict), set(state_dict) - expected
-        if missing or unknown:
-            raise ValueError(
-                f"Expected a StageTransitionMonitor state with keys {sorted(expected)}; "
-                f"missing {sorted(missing)}, unknown {sorted(unknown)}."
-            )
-        if state_dict["version"] != _STATE_VERSION:
-            raise ValueError(
-                f"Expected StageTransitionMonitor state version {_STATE_VERSION} but got "
-                f"{state_dict['version']!r}."
-            )
+        check_state(
+            "StageTransitionMonitor",
+            state_dict,
+            {"version", "detectors", "events", "records", "rejected", "last_step"},
+            _STATE_VERSION,
+        )
         self._reset()
         for name, state in state_dict["detectors"]:
             # The thresholds are this monitor's (a resumed run may change them on purpose).
