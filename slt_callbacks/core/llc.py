@@ -61,7 +61,6 @@ class LLCResult:
     Attributes:
         llc_mean: mean of λ̂ over the chains that stayed finite (nan if none did).
         llc_std: standard deviation of λ̂ across those chains (nan with fewer than two).
-        llc_per_chain: ``(chains,)``; nan for a diverged chain.
         loss_trace: ``(chains, num_draws)`` minibatch loss at each draw, burn-in excluded.
         baseline_trace: ``(chains, num_draws)`` loss at w* of the batch each draw used;
             ``llc_per_chain = n_beta * (loss_trace - baseline_trace).mean(1)``.
@@ -80,7 +79,6 @@ class LLCResult:
 
     llc_mean: float
     llc_std: float
-    llc_per_chain: torch.Tensor
     loss_trace: torch.Tensor
     baseline_trace: torch.Tensor
     burnin_loss_trace: torch.Tensor
@@ -96,6 +94,11 @@ class LLCResult:
     backend: str = "vmap"
     backend_reason: str | None = None
     seconds: float = float("nan")
+
+    @property
+    def llc_per_chain(self) -> torch.Tensor:
+        """``(chains,)`` λ̂ of each chain; nan for a diverged chain (kept in ``summary``)."""
+        return self.summary.llc
 
     @property
     def healthy(self) -> bool:
@@ -199,7 +202,6 @@ def summarize(
     return LLCResult(
         llc_mean=mean,
         llc_std=std,
-        llc_per_chain=llc,
         loss_trace=loss[:, burnin:],
         baseline_trace=baseline,
         burnin_loss_trace=loss[:, :burnin],
