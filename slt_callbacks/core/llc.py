@@ -24,7 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .chains import ChainTraces, FlatLayout, evaluate_loss, run_chains
+from .backends import SamplingProblem
+from .chains import ChainTraces, evaluate_loss, run_chains
 from .config import AUTOCAST_DTYPES, DTYPES, SGLDConfig
 from .data import build_pool
 from .diagnostics import ChainSummary, HealthCriteria, Status, assess
@@ -37,8 +38,9 @@ from .functional import (
     preserve_rng,
     trainable_parameters,
 )
-from .restrict import Selector, component_mask, resolve_components
+from .restrict import Selector, resolve_components
 from .sgld import SGLDStep, mala_log_acceptance
+from .space import ComponentSpace
 
 OnFailure = Literal["warn", "raise", "ignore"]
 
@@ -274,7 +276,8 @@ def estimate_llc(
     start = time.perf_counter()
     run = _prepare(model, loss_fn, data, config, components, seed, generator)
     with _sampling_context(model, config, run):
-        batch_losses = evaluate_loss(run.wrapper, run.tensors_at_w_star, run.pool, run.autocast)
+        batch_losses = evaluate_loss(run.problem.wrapper, run.tensors_at_w_star,
+                                     run.problem.pool, run.problem.autocast)
         _check_init_loss(float(batch_losses.mean()))
         traces = _run(run, config)
     result = _summarise(traces, batch_losses.cpu(), run, config, criteria,
@@ -287,21 +290,16 @@ def estimate_llc(
 class _Prepared:
     """Everything the chains need, built once from the user's arguments."""
 
-    wrapper: LossModule
+    problem: SamplingProblem
+    spaces: list[ComponentSpace]
     names: list[str]
-    layout: FlatLayout
-    theta0: torch.Tensor
-    fixed: dict[str, torch.Tensor]
-    masks: torch.Tensor | None
-    pool: Any
     n_beta: float
     generator: torch.Generator
     device: torch.device
-    autocast: torch.dtype | None
 
     @property
     def tensors_at_w_star(self) -> dict[str, torch.Tensor]:
-        return {**self.fixed, **self.layout.views(self.theta0)}
+        return self.problem.shared
 
 
 def _prepare(
@@ -313,7 +311,7 @@ def _prepare(
     seed: int | None,
     generator: torch.Generator | None,
 ) -> _Prepared:
-    """Resolve components, draw the pool, flatten w* in the sampling dtype."""
+    """Resolve components, draw the pool, lay out each component's coordinates."""
     params = trainable_parameters(model)
     if not params:
         raise ValueError(
@@ -326,23 +324,28 @@ def _prepare(
     generator = _generator(seed, generator, device)
     cast = dtype if dtype != model_dtype else None
     pool = build_pool(data, num_batches=config.num_batches, device=device, float_dtype=cast)
-    layout = FlatLayout.of(params)
+    # w* is shared by every chain, once; in the model's dtype it is the model's own storage,
+    # which nothing writes to.
+    w_star = {name: p.detach().to(dtype) for name, p in params.items()}
     fixed = {
         name: t.to(dtype) if t.is_floating_point() and cast is not None else t
         for name, t in frozen_tensors(model).items()
     }
-    return _Prepared(
+    problem = SamplingProblem(
         wrapper=LossModule(model, loss_fn),
-        names=list(resolved),
-        layout=layout,
-        theta0=layout.flatten(params, dtype),
-        fixed=fixed,
-        masks=_component_masks(layout, params, resolved, dtype),
+        shared={**fixed, **w_star},
         pool=pool,
+        autocast=AUTOCAST_DTYPES[config.autocast] if config.autocast else None,
+    )
+    spaces = [ComponentSpace.of(w_star)]
+    spaces += [ComponentSpace.of(w_star, masks) for masks in resolved.values()]
+    return _Prepared(
+        problem=problem,
+        spaces=spaces,
+        names=list(resolved),
         n_beta=config.resolved_n_beta(pool.num_samples),
         generator=generator,
         device=device,
-        autocast=AUTOCAST_DTYPES[config.autocast] if config.autocast else None,
     )
 
 
@@ -377,17 +380,16 @@ def _check_init_loss(init_loss: float) -> None:
 
 def _run(run: _Prepared, config: SGLDConfig) -> ChainTraces:
     traces = run_chains(
-        run.wrapper, run.layout, run.theta0, run.fixed, run.pool,
+        run.problem, run.spaces,
         step=SGLDStep(
             step_size=config.step_size, n_beta=run.n_beta, localization=config.localization,
             noise_level=config.noise_level, max_grad_norm=config.max_grad_norm,
         ),
         num_chains=config.num_chains,
         num_steps=config.num_steps,
-        masks=run.masks,
         generator=run.generator,
         backend=config.backend,
-        autocast=run.autocast,
+        max_memory=config.max_memory,
     )
     if traces.fallback_reason is not None:
         warnings.warn(
@@ -410,7 +412,7 @@ def _summarise(
     """One :class:`LLCResult` per component from the raw traces (component 0 is global)."""
     common = dict(
         init_loss=float(batch_losses.mean()), n_beta=run.n_beta,
-        num_samples=run.pool.num_samples,
+        num_samples=run.problem.pool.num_samples,
         config=config, criteria=criteria, backend=traces.backend,
         backend_reason=traces.fallback_reason, seconds=seconds,
     )
@@ -505,22 +507,6 @@ def _generator(
         raise ValueError(f"Expected `seed` to be an int in [0, 2**63) or None but got {seed!r}.")
     seed = int(seed)
     return torch.Generator(device=device).manual_seed(seed)
-
-
-def _component_masks(
-    layout: FlatLayout,
-    params: Mapping[str, torch.Tensor],
-    resolved: Mapping[str, Any],
-    dtype: torch.dtype,
-) -> torch.Tensor | None:
-    if not resolved:
-        return None
-    device = next(iter(params.values())).device
-    rows = [torch.ones(layout.size, dtype=dtype, device=device)]
-    for component in resolved.values():
-        full = component_mask(component, params)
-        rows.append(layout.flatten(full, dtype))
-    return torch.stack(rows)
 
 
 def _handle_failure(result: LLCResult, on_failure: OnFailure) -> None:
