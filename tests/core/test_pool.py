@@ -20,7 +20,7 @@ def token_batches(lengths=(8, 12, 16, 12, 8, 16), batch=3, vocab=64, seed=0):
 
 
 def test_pool_groups_batches_by_shape_and_counts_every_sample():
-    data = token_batches() + [torch.randint(0, 64, (2, 8))]  # and a short last batch
+    data = [*token_batches(), torch.randint(0, 64, (2, 8))]  # and a short last batch
     pool = build_pool(data, num_batches=None, device=torch.device("cpu"))
     assert pool.num_batches == 7
     assert pool.num_samples == 6 * 3 + 2
