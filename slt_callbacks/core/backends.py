@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data import BatchPool
 from .functional import LossModule, check_scalar_loss, loss_at
@@ -134,7 +135,7 @@ class VmapBackend(Backend):
         group = pool.group_of[batches[0]]
         positions = torch.tensor([pool.position[b] for b in batches], device=pool.device)
         leaves = space.leaves(theta)
-        with autocast_context(theta.device, problem.autocast):
+        with autocast_context(theta.device, problem.autocast), _attention_for_vmap(theta.device):
             losses = torch.func.vmap(problem.loss, in_dims=(0, 0), randomness="different")(
                 space.tensors(leaves), pool.gather(group, positions)
             )
@@ -157,6 +158,14 @@ def _grads(
     if must_depend and all(g is None for g in grads):
         raise ValueError(NO_GRAD)
     return list(grads)
+
+
+def _attention_for_vmap(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """On a CPU, the math attention kernel: plain matmuls, which vmap batches; the fused CPU
+    kernel has no batching rule and would run once per chain."""
+    if device.type == "cpu":
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def autocast_context(
