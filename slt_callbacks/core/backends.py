@@ -151,7 +151,8 @@ def _grads(
         if must_depend:
             raise ValueError(NO_GRAD)
         return [None] * len(leaves)
-    grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+    total = losses if losses.dim() == 0 else losses.sum()  # one chain: no extra node
+    grads = torch.autograd.grad(total, leaves, allow_unused=True)
     if must_depend and all(g is None for g in grads):
         raise ValueError(NO_GRAD)
     return list(grads)
