@@ -30,10 +30,13 @@ from .diagnostics import ChainSummary, HealthCriteria, Status, assess
 from .functional import (
     LossFn,
     LossModule,
+    NonFiniteLossError,
     check_model_and_loss,
     frozen_tensors,
+    loss_at,
     module_mode,
     preserve_rng,
+    sum_reduction_reason,
     trainable_parameters,
 )
 from .restrict import Selector, component_mask, resolve_components
@@ -314,10 +317,19 @@ def estimate_llc(
         batch_losses = evaluate_loss(wrapper, {**fixed, **layout.views(theta0)}, pool, autocast)
         init_loss = float(batch_losses.mean())
         if not math.isfinite(init_loss):
-            raise ValueError(
+            # NonFiniteLossError (a ValueError): a monitor records it as a failed step.
+            raise NonFiniteLossError(
                 f"The loss at the current weights is {init_loss} on `data`; the LLC is "
                 "undefined at a non-finite loss."
             )
+        # -- issue #8 (safety): a sum-reduced loss makes λ̂ wrong by ~the batch size. --
+        with torch.no_grad():
+            sum_reason = sum_reduction_reason(
+                lambda b: loss_at(wrapper, {**fixed, **layout.views(theta0)}, b), pool.batch(0)
+            )
+        if sum_reason is not None:
+            warnings.warn(f"estimate_llc: {sum_reason}", stacklevel=2)
+        # -- end issue #8 --
         traces = run_chains(
             wrapper, layout, theta0, fixed, pool,
             step=SGLDStep(
