@@ -66,7 +66,7 @@ from slt_callbacks.core.functional import (
     sum_reduction_reason,
     trainable_parameters,
 )
-from slt_callbacks.schedule import Schedule, coerce
+from slt_callbacks.schedule import Schedule, coerce, fire
 from slt_callbacks.sinks import MetricSink
 
 from ._guard import CAUGHT, Failure, FailureGuard, OnFailure
@@ -440,10 +440,8 @@ class _ScheduledMonitor(Callback):
         if trainer.sanity_checking or step == self._last_step:
             return False
         self._last_step = step
-        if self._next_due is None or step < self._next_due:
-            return False
-        self._next_due = self.schedule.next_step(step)
-        return True
+        run, self._next_due = fire(self.schedule, step, self._next_due)
+        return run
 
     def _maybe_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._due(trainer):

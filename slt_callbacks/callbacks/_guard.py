@@ -19,7 +19,8 @@ Under DDP every rank must reach the same collectives, so each rank's local work 
 any rank into the same :class:`MeasurementFailed` on all of them.
 
 Only numerical and runtime errors are caught (``RuntimeError``, which includes torch's errors,
-``NotImplementedError`` and out-of-memory; ``ValueError``; ``ArithmeticError``). A
+``NotImplementedError`` and out-of-memory; ``ValueError``; ``ArithmeticError``; ``OSError``
+from writing a snapshot). A
 ``TypeError`` or ``AttributeError`` is a bug in code, and a ``MisconfigurationException`` a
 configuration mistake; both propagate.
 """
@@ -39,8 +40,9 @@ __all__ = ["Failure", "FailureGuard", "MeasurementFailed", "attempt", "raise_if_
 
 OnFailure = Literal["warn", "raise", "ignore"]
 
-CAUGHT = (RuntimeError, ValueError, ArithmeticError)
-"""What a measurement may raise and the run survives."""
+CAUGHT = (RuntimeError, ValueError, ArithmeticError, OSError)
+"""What a measurement may raise and the run survives (OSError: a snapshot that cannot be
+written, e.g. a full disk, must not end the run either)."""
 
 FAILED_STATUS = "failed"
 """``status`` of a history entry whose measurement failed."""
@@ -61,6 +63,7 @@ _ADVICE = {
         "the measurement ran out of memory; use fewer chains or probes, a chunk_size, or "
         "smaller batches"
     ),
+    "io_error": "a file could not be written (is the disk full?); the snapshot was skipped",
     "error": "pass on_failure='raise' to the monitor to see the full traceback",
 }
 
@@ -104,6 +107,8 @@ def classify(error: BaseException) -> str:
         return "out_of_memory"
     if "derivative for" in text and "not implemented" in text:
         return "no_double_backward"
+    if isinstance(error, OSError):
+        return "io_error"
     return "error"
 
 

@@ -154,6 +154,8 @@ class LLCMonitor(_ScheduledMonitor):
         >>> trainer = Trainer(callbacks=[monitor], max_steps=1000)  # doctest: +SKIP
     """
 
+    failure_tag = "llc"
+
     def __init__(
         self,
         *,
