@@ -124,6 +124,42 @@ def _group_size(heads: int, kv_heads: int) -> int:
     return heads // kv_heads
 
 
+FUSED_LAYOUTS = ("grouped", "interleaved")
+"""How a fused QKV projection orders its outputs (rows of a Linear, columns of a Conv1D).
+
+``"grouped"``: ``[Q of all heads | K of all kv heads | V of all kv heads]`` (torch
+``in_proj_weight``, GPT-2 ``c_attn``, Phi-3 ``qkv_proj``). ``"interleaved"``: per head
+``[q_h, k_h, v_h]`` (GPT-NeoX/Pythia ``query_key_value``).
+"""
+
+
+def fused_qkv_spans(
+    layout: str, head: int, heads: int, kv_heads: int, head_dim: int
+) -> dict[str, tuple[int, int]]:
+    """The output index ranges ``[a, b)`` of query head ``head``'s q, k and v in a fused QKV.
+
+    Under ``"grouped"`` with grouped-query attention, query head ``h`` reads key/value head
+    ``h // (heads // kv_heads)``. ``"interleaved"`` has one key/value head per query head.
+    """
+    d = head_dim
+    if layout == "interleaved":
+        assert kv_heads == heads, "interleaved layouts have no grouped-query attention"
+        base = 3 * d * head
+        return {
+            "q": (base, base + d),
+            "k": (base + d, base + 2 * d),
+            "v": (base + 2 * d, base + 3 * d),
+        }
+    assert layout == "grouped", layout
+    g = head // (heads // kv_heads)
+    k_off, v_off = heads * d, (heads + kv_heads) * d
+    return {
+        "q": (head * d, (head + 1) * d),
+        "k": (k_off + g * d, k_off + (g + 1) * d),
+        "v": (v_off + g * d, v_off + (g + 1) * d),
+    }
+
+
 def _has_linear(module: nn.Module, *names: str) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Linear) for n in names)
 
@@ -168,8 +204,9 @@ def _torch_mha(module: nn.Module) -> list[HeadMasks]:
     for h in range(heads):
         span = (h * d, (h + 1) * d)
         masks: HeadMasks = {p: {} for p in PARTS}
-        for block, part in enumerate("qkv"):
-            shifted = (block * embed + span[0], block * embed + span[1])
+        fused = fused_qkv_spans("grouped", h, heads, heads, d)
+        for part in "qkv":
+            shifted = fused[part]
             if module.in_proj_weight is not None:
                 masks[part]["in_proj_weight"] = _span_mask(module.in_proj_weight, 0, shifted)
             else:  # kdim/vdim differ from embed_dim: three separate projections
@@ -226,9 +263,11 @@ def _hf_gpt2(module: nn.Module) -> list[HeadMasks]:
     for h in range(heads):
         span = (h * d, (h + 1) * d)
         masks: HeadMasks = {p: {} for p in PARTS}
-        blocks = {"k": 0, "v": 1} if cross else {"q": 0, "k": 1, "v": 2}
-        for part, block in blocks.items():
-            shifted = (block * width + span[0], block * width + span[1])
+        if cross:  # c_attn holds [k | v]; the query is q_attn's
+            fused = {"k": span, "v": (width + span[0], width + span[1])}
+        else:
+            fused = fused_qkv_spans("grouped", h, heads, heads, d)
+        for part, shifted in fused.items():
             masks[part]["c_attn.weight"] = _span_mask(c_attn, 1, shifted)
             if module.c_attn.bias is not None:
                 masks[part]["c_attn.bias"] = _span_mask(module.c_attn.bias, 0, shifted)
@@ -266,10 +305,11 @@ def _hf_gpt_neox(module: nn.Module) -> list[HeadMasks]:
     _require(dense.in_features == heads * d, "dense.in_features != num_heads * head_size")
     out: list[HeadMasks] = []
     for h in range(heads):
-        base = 3 * d * h
-        masks: HeadMasks = {"o": {"dense.weight": _span_mask(dense.weight, 1, (h * d, (h + 1) * d))}}
-        for i, part in enumerate("qkv"):
-            _row_head(masks, part, qkv, "query_key_value", [(base + i * d, base + (i + 1) * d)])
+        masks: HeadMasks = {
+            "o": {"dense.weight": _span_mask(dense.weight, 1, (h * d, (h + 1) * d))}
+        }
+        for part, span in fused_qkv_spans("interleaved", h, heads, heads, d).items():
+            _row_head(masks, part, qkv, "query_key_value", [span])
         out.append(masks)
     return out
 
@@ -304,7 +344,9 @@ def _hf_separate_qkv(module: nn.Module) -> list[HeadMasks]:
     out: list[HeadMasks] = []
     for h in range(heads):
         g = h // group
-        masks: HeadMasks = {"o": {f"{o_name}.weight": _span_mask(o.weight, 1, (h * d, (h + 1) * d))}}
+        masks: HeadMasks = {
+            "o": {f"{o_name}.weight": _span_mask(o.weight, 1, (h * d, (h + 1) * d))}
+        }
         _row_head(masks, "q", q, "q_proj", [(h * d, (h + 1) * d)])
         _row_head(masks, "k", k, "k_proj", [(g * d, (g + 1) * d)])
         _row_head(masks, "v", v, "v_proj", [(g * d, (g + 1) * d)])
@@ -330,14 +372,12 @@ def _hf_phi3(module: nn.Module) -> list[HeadMasks]:
         f"qkv_proj.out_features={qkv.out_features} != (heads {heads} + 2*kv {kv}) * {d}",
     )
     _require(o.in_features == heads * d, f"o_proj.in_features={o.in_features} != {heads}*{d}")
-    k_off, v_off = heads * d, (heads + kv) * d
+    del group  # checked: the heads split into groups
     out: list[HeadMasks] = []
     for h in range(heads):
-        g = h // group
         masks: HeadMasks = {"o": {"o_proj.weight": _span_mask(o.weight, 1, (h * d, (h + 1) * d))}}
-        _row_head(masks, "q", qkv, "qkv_proj", [(h * d, (h + 1) * d)])
-        _row_head(masks, "k", qkv, "qkv_proj", [(k_off + g * d, k_off + (g + 1) * d)])
-        _row_head(masks, "v", qkv, "qkv_proj", [(v_off + g * d, v_off + (g + 1) * d)])
+        for part, span in fused_qkv_spans("grouped", h, heads, kv, d).items():
+            _row_head(masks, part, qkv, "qkv_proj", [span])
         out.append(masks)
     return out
 
@@ -395,7 +435,9 @@ LAYOUTS: list[AttentionLayout] = [
         _torch_mha,
     ),
     AttentionLayout(
-        "hf_gpt2", "Hugging Face GPT-2 (Conv1D c_attn [q|k|v] columns, c_proj)", _is_hf_gpt2,
+        "hf_gpt2",
+        "Hugging Face GPT-2 (Conv1D c_attn [q|k|v] columns, c_proj)",
+        _is_hf_gpt2,
         _hf_gpt2,
     ),
     AttentionLayout(
@@ -442,9 +484,12 @@ class AttentionModule:
 
 
 def _looks_like_attention(name: str, module: nn.Module) -> bool:
+    # A class named like attention, or a child named like one ("self_attn"); not the norms
+    # and dropouts named after it ("post_attention_layernorm", "attn_dropout").
     cls = type(module).__name__.lower()
     leaf = name.rsplit(".", 1)[-1].lower()
-    return ("attention" in cls or "attn" in cls or "attn" in leaf or "attention" in leaf) and any(
+    named = ("attention" in cls or "attn" in cls) and "norm" not in cls
+    return (named or leaf.endswith(("attn", "attention"))) and any(
         True for _ in module.parameters()
     )
 
@@ -492,9 +537,9 @@ def _unrecognised(model: nn.Module, found: list[AttentionModule]) -> list[str]:
     for name, module in model.named_modules():
         inside = any(name == n or name.startswith(f"{n}.") for n in names)
         encloses = any(n.startswith(f"{name}.") or name == "" for n in names)
-        if not inside and not encloses and _looks_like_attention(name, module):
-            if not any(name.startswith(f"{o}.") for o in out):
-                out.append(name)
+        nested = any(name.startswith(f"{o}.") for o in out)
+        if not (inside or encloses or nested) and _looks_like_attention(name, module):
+            out.append(name)
     return out
 
 
@@ -650,6 +695,18 @@ def _check_parts(parts: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(parts))
 
 
+def merge_parts(head: HeadMasks, parts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The union of one head's masks over ``parts``, ``{local parameter name: mask}``.
+
+    Parts may share a tensor (q, k and v rows of one fused projection): their masks are OR-ed.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for local, mask in head.get(part, {}).items():
+            merged[local] = merged[local] | mask if local in merged else mask
+    return merged
+
+
 def _merge(
     attention: AttentionModule,
     head: HeadMasks,
@@ -658,13 +715,10 @@ def _merge(
 ) -> dict[str, torch.Tensor]:
     """One head's masks of ``parts`` under canonical parameter names, trainable only."""
     merged: dict[str, torch.Tensor] = {}
-    for part in parts:
-        for local, mask in head.get(part, {}).items():
-            param = attention.module.get_parameter(local)
-            name, _ = params[id(param)]
-            if not param.requires_grad:
-                continue
-            merged[name] = merged[name] | mask if name in merged else mask
+    for local, mask in merge_parts(head, parts).items():
+        param = attention.module.get_parameter(local)
+        if param.requires_grad:
+            merged[params[id(param)][0]] = mask
     return merged
 
 
