@@ -47,6 +47,11 @@ HeadMasks = dict[str, dict[str, torch.Tensor]]
 """One head: ``{part: {parameter name relative to the attention module: bool mask}}``."""
 
 
+HeadBuilder = tuple[int, Callable[[int], HeadMasks]]
+"""A validated attention module: its number of query heads, and ``head(h) -> HeadMasks``
+(built on demand: one head's masks are as large as the module's parameters)."""
+
+
 class LayoutMismatch(ValueError):
     """A module looks like a known layout but its shapes or head counts disagree with it."""
 
@@ -60,14 +65,15 @@ class AttentionLayout:
         description: what it covers, for messages and docs.
         detect: ``detect(module) -> bool``: is ``module`` an attention module of this layout?
             Must be specific: a false positive gives wrong masks.
-        build: ``build(module) -> [HeadMasks per query head]``; raises :class:`LayoutMismatch`
-            when the shapes disagree with the layout (never guesses).
+        build: ``build(module) -> (num_heads, head)`` with ``head(h) -> HeadMasks``; checks
+            the shapes first and raises :class:`LayoutMismatch` when they disagree with the
+            layout (never guesses).
     """
 
     name: str
     description: str
     detect: Callable[[nn.Module], bool]
-    build: Callable[[nn.Module], list[HeadMasks]]
+    build: Callable[[nn.Module], HeadBuilder]
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,12 +202,12 @@ def _is_torch_mha(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention)
 
 
-def _torch_mha(module: nn.Module) -> list[HeadMasks]:
+def _torch_mha(module: nn.Module) -> HeadBuilder:
     assert isinstance(module, nn.MultiheadAttention)
     heads, embed, d = module.num_heads, module.embed_dim, module.head_dim
     _require(heads * d == embed, f"num_heads={heads} * head_dim={d} != embed_dim={embed}")
-    out: list[HeadMasks] = []
-    for h in range(heads):
+
+    def head(h: int) -> HeadMasks:
         span = (h * d, (h + 1) * d)
         masks: HeadMasks = {p: {} for p in PARTS}
         fused = fused_qkv_spans("grouped", h, heads, heads, d)
@@ -220,8 +226,9 @@ def _torch_mha(module: nn.Module) -> list[HeadMasks]:
             if extra is not None:
                 masks[part][name] = _span_mask(extra, extra.dim() - 1, span)
         masks["o"]["out_proj.weight"] = _span_mask(module.out_proj.weight, 1, span)
-        out.append(masks)
-    return out
+        return masks
+
+    return heads, head
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,7 +248,7 @@ def _is_hf_gpt2(module: nn.Module) -> bool:
     )
 
 
-def _hf_gpt2(module: nn.Module) -> list[HeadMasks]:
+def _hf_gpt2(module: nn.Module) -> HeadBuilder:
     heads = _int_attr(module, ("num_heads",))
     d = _int_attr(module, ("head_dim",))
     assert heads is not None
@@ -259,8 +266,8 @@ def _hf_gpt2(module: nn.Module) -> list[HeadMasks]:
         c_proj.shape[0] == width,
         f"c_proj.weight has {c_proj.shape[0]} input rows, expected num_heads*head_dim={width}",
     )
-    out: list[HeadMasks] = []
-    for h in range(heads):
+
+    def head(h: int) -> HeadMasks:
         span = (h * d, (h + 1) * d)
         masks: HeadMasks = {p: {} for p in PARTS}
         if cross:  # c_attn holds [k | v]; the query is q_attn's
@@ -278,8 +285,9 @@ def _hf_gpt2(module: nn.Module) -> list[HeadMasks]:
             if q_attn.bias is not None:
                 masks["q"]["q_attn.bias"] = _span_mask(q_attn.bias, 0, span)
         masks["o"]["c_proj.weight"] = _span_mask(c_proj, 0, span)  # (in, out): inputs are ROWS
-        out.append(masks)
-    return out
+        return masks
+
+    return heads, head
 
 
 # ------------------------------------------------------------------------------------------
@@ -292,7 +300,7 @@ def _is_hf_gpt_neox(module: nn.Module) -> bool:
     )
 
 
-def _hf_gpt_neox(module: nn.Module) -> list[HeadMasks]:
+def _hf_gpt_neox(module: nn.Module) -> HeadBuilder:
     heads = _count(module, ("num_attention_heads", "num_heads"), ("num_attention_heads",))
     _require(heads is not None, "found no config.num_attention_heads")
     qkv, dense = module.query_key_value, module.dense
@@ -303,15 +311,16 @@ def _hf_gpt_neox(module: nn.Module) -> list[HeadMasks]:
         f"{3 * heads * d}",
     )
     _require(dense.in_features == heads * d, "dense.in_features != num_heads * head_size")
-    out: list[HeadMasks] = []
-    for h in range(heads):
+
+    def head(h: int) -> HeadMasks:
         masks: HeadMasks = {
             "o": {"dense.weight": _span_mask(dense.weight, 1, (h * d, (h + 1) * d))}
         }
         for part, span in fused_qkv_spans("interleaved", h, heads, heads, d).items():
             _row_head(masks, part, qkv, "query_key_value", [span])
-        out.append(masks)
-    return out
+        return masks
+
+    return heads, head
 
 
 # ------------------------------------------------------------------------------------------
@@ -324,7 +333,7 @@ def _is_hf_separate_qkv(module: nn.Module) -> bool:
     )
 
 
-def _hf_separate_qkv(module: nn.Module) -> list[HeadMasks]:
+def _hf_separate_qkv(module: nn.Module) -> HeadBuilder:
     heads, kv = _head_counts(module)
     group = _group_size(heads, kv)
     q, k, v = module.q_proj, module.k_proj, module.v_proj
@@ -341,8 +350,8 @@ def _hf_separate_qkv(module: nn.Module) -> list[HeadMasks]:
     _require(o.in_features == heads * d, f"{o_name}.in_features={o.in_features} != {heads}*{d}")
     groups = _int_attr(module, ("num_key_value_groups",))
     _require(groups in (None, group), f"num_key_value_groups={groups} != {heads}/{kv}")
-    out: list[HeadMasks] = []
-    for h in range(heads):
+
+    def head(h: int) -> HeadMasks:
         g = h // group
         masks: HeadMasks = {
             "o": {f"{o_name}.weight": _span_mask(o.weight, 1, (h * d, (h + 1) * d))}
@@ -350,8 +359,9 @@ def _hf_separate_qkv(module: nn.Module) -> list[HeadMasks]:
         _row_head(masks, "q", q, "q_proj", [(h * d, (h + 1) * d)])
         _row_head(masks, "k", k, "k_proj", [(g * d, (g + 1) * d)])
         _row_head(masks, "v", v, "v_proj", [(g * d, (g + 1) * d)])
-        out.append(masks)
-    return out
+        return masks
+
+    return heads, head
 
 
 # ------------------------------------------------------------------------------------------
@@ -362,9 +372,9 @@ def _is_hf_phi3(module: nn.Module) -> bool:
     return "Phi3Attention" in _class_names(module) and _has_linear(module, "qkv_proj", "o_proj")
 
 
-def _hf_phi3(module: nn.Module) -> list[HeadMasks]:
+def _hf_phi3(module: nn.Module) -> HeadBuilder:
     heads, kv = _head_counts(module)
-    group = _group_size(heads, kv)
+    _group_size(heads, kv)  # the heads must split into groups
     qkv, o = module.qkv_proj, module.o_proj
     d = _int_attr(module, ("head_dim",)) or qkv.out_features // (heads + 2 * kv)
     _require(
@@ -372,14 +382,14 @@ def _hf_phi3(module: nn.Module) -> list[HeadMasks]:
         f"qkv_proj.out_features={qkv.out_features} != (heads {heads} + 2*kv {kv}) * {d}",
     )
     _require(o.in_features == heads * d, f"o_proj.in_features={o.in_features} != {heads}*{d}")
-    del group  # checked: the heads split into groups
-    out: list[HeadMasks] = []
-    for h in range(heads):
+
+    def head(h: int) -> HeadMasks:
         masks: HeadMasks = {"o": {"o_proj.weight": _span_mask(o.weight, 1, (h * d, (h + 1) * d))}}
         for part, span in fused_qkv_spans("grouped", h, heads, kv, d).items():
             _row_head(masks, part, qkv, "qkv_proj", [span])
-        out.append(masks)
-    return out
+        return masks
+
+    return heads, head
 
 
 # ------------------------------------------------------------------------------------------
@@ -393,7 +403,7 @@ def _is_transformer_lens(module: nn.Module) -> bool:
     )
 
 
-def _transformer_lens(module: nn.Module) -> list[HeadMasks]:
+def _transformer_lens(module: nn.Module) -> HeadBuilder:
     cfg = getattr(module, "cfg", None)
     heads = _int_attr(cfg, ("n_heads",))
     _require(heads is not None, "found no cfg.n_heads")
@@ -411,8 +421,8 @@ def _transformer_lens(module: nn.Module) -> list[HeadMasks]:
             name in params and params[name].dim() == 3 and params[name].shape[0] == kv,
             f"{name} is missing or not ({kv}, d_model, d_head)",
         )
-    out: list[HeadMasks] = []
-    for h in range(heads):
+
+    def head(h: int) -> HeadMasks:
         g = h // group
         masks: HeadMasks = {p: {} for p in PARTS}
         for part, name, index in (
@@ -423,8 +433,9 @@ def _transformer_lens(module: nn.Module) -> list[HeadMasks]:
         ):  # fmt: skip
             if name in params:
                 masks[part][name] = _span_mask(params[name], 0, (index, index + 1))
-        out.append(masks)
-    return out
+        return masks
+
+    return heads, head
 
 
 LAYOUTS: list[AttentionLayout] = [
@@ -480,7 +491,8 @@ class AttentionModule:
     name: str
     module: nn.Module
     layout: AttentionLayout
-    heads: list[HeadMasks]
+    num_heads: int
+    head: Callable[[int], HeadMasks]
 
 
 def _looks_like_attention(name: str, module: nn.Module) -> bool:
@@ -510,14 +522,14 @@ def find_attention(model: nn.Module) -> list[AttentionModule]:
         for layout in LAYOUTS:
             if layout.detect(module):
                 try:
-                    heads = layout.build(module)
+                    num_heads, head = layout.build(module)
                 except LayoutMismatch as err:
                     raise ValueError(
                         f"head_components: {name!r} ({type(module).__name__}) looks like the "
                         f"{layout.name} layout ({layout.description}) but {err}. Build its "
                         f"masks by hand ({_BY_HAND})."
                     ) from None
-                found.append(AttentionModule(name, module, layout, heads))
+                found.append(AttentionModule(name, module, layout, num_heads, head))
                 break
     return found
 
@@ -662,15 +674,15 @@ def head_components(
         )
     layer_ids = _check_indices("layers", layers, len(found), "attention modules")
     layer_ids = list(range(len(found))) if layer_ids is None else layer_ids
-    fewest = min(len(found[i].heads) for i in layer_ids)
+    fewest = min(found[i].num_heads for i in layer_ids)
     head_ids = _check_indices("heads", heads, fewest, "query heads of every selected layer")
     params = _canonical_names(model)
     out: dict[str, dict[str, torch.Tensor]] = {}
     empty = []
     for i in layer_ids:
         attention = found[i]
-        for h in range(len(attention.heads)) if head_ids is None else head_ids:
-            masks = _merge(attention, attention.heads[h], chosen_parts, params)
+        for h in range(attention.num_heads) if head_ids is None else head_ids:
+            masks = _merge(attention, attention.head(h), chosen_parts, params)
             if masks:
                 out[f"l{i}h{h}"] = masks
             else:

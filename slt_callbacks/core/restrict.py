@@ -191,8 +191,9 @@ def attention_head_components(
     prefix = module_name if prefix is None else prefix
     full = f"{module_name}." if module_name else ""
     out: dict[str, Resolved] = {}
-    for h, head in enumerate(_heads._torch_mha(module)):
-        masks: Resolved = {f"{full}{n}": m for n, m in _heads.merge_parts(head, parts).items()}
+    num_heads, head = _heads._torch_mha(module)
+    for h in range(num_heads):
+        masks: Resolved = {f"{full}{n}": m for n, m in _heads.merge_parts(head(h), parts).items()}
         out[f"{prefix}.head{h}"] = _keep_trainable(model, masks)
     return out
 

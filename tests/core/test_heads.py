@@ -252,7 +252,7 @@ def _comps(subject: Subject, parts=("q", "k", "v", "o")):
 def test_the_layout_is_recognised(subject):
     found = find_attention(subject.model)
     assert len(found) == subject.probe.attention_modules
-    assert all(len(f.heads) == HEADS for f in found)
+    assert all(f.num_heads == HEADS for f in found)
     expected = {
         "gpt2": "hf_gpt2", "gpt_neox": "hf_gpt_neox", "phi3": "hf_phi3",
         "hooked_transformer": "transformer_lens", "hooked_transformer_gqa": "transformer_lens",
