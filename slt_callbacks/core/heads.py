@@ -500,10 +500,8 @@ def _looks_like_attention(name: str, module: nn.Module) -> bool:
     # and dropouts named after it ("post_attention_layernorm", "attn_dropout").
     cls = type(module).__name__.lower()
     leaf = name.rsplit(".", 1)[-1].lower()
-    named = ("attention" in cls or "attn" in cls) and "norm" not in cls
-    return (named or leaf.endswith(("attn", "attention"))) and any(
-        True for _ in module.parameters()
-    )
+    named = "attention" in cls or "attn" in cls or leaf.endswith(("attn", "attention"))
+    return named and "norm" not in cls and any(True for _ in module.parameters())
 
 
 def find_attention(model: nn.Module) -> list[AttentionModule]:

@@ -67,6 +67,13 @@ PROBES = {
     "mha_kdim_vdim": Probe("mha", "", 1, attention_modules=1),
     # self-attention and cross-attention in each of 2 layers; the last one is cross-attention
     "torch_decoder_cross": Probe("mha", "", 1, attention_modules=4),
+    # Not in the zoo: more users of the generic q/k/v/o_proj layout. A leading "." names the
+    # output projection relative to the probed attention module.
+    "opt": Probe("hf", ".out_proj", 1),
+    "gptj": Probe("hf", ".out_proj", 1),
+    "bart_cross": Probe("hf", ".out_proj", 1, attention_modules=3),  # encoder, decoder, cross
+    "qwen3_qk_norm": Probe("hf", ".o_proj", 2),
+    "llama_mqa_wide_heads": Probe("hf", ".o_proj", 4),  # 1 kv head, head_dim 16 != 32 / 4
 }
 
 
@@ -94,11 +101,36 @@ def _decoder() -> nn.Module:
     return nn.TransformerDecoder(layer, num_layers=2)
 
 
+def _hf(config: str, model: str, **kw) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        transformers = pytest.importorskip("transformers")
+        return getattr(transformers, model)(getattr(transformers, config)(**kw))
+
+    return build
+
+
+_SMALL = dict(vocab_size=64, max_position_embeddings=64)
+_DECODER = dict(_SMALL, hidden_size=32, num_hidden_layers=2, num_attention_heads=HEADS,
+                intermediate_size=64)  # fmt: skip
+
 EXTRA: dict[str, Callable[[], nn.Module]] = {
     "hooked_transformer_gqa": _tl_gqa,
     "mha_kdim_vdim": KdimVdim,
     "torch_decoder_cross": _decoder,
-}
+    "opt": _hf("OPTConfig", "OPTForCausalLM", **_SMALL, hidden_size=32, num_hidden_layers=2,
+               num_attention_heads=HEADS, ffn_dim=64, word_embed_proj_dim=32,
+               bos_token_id=0, eos_token_id=0, pad_token_id=1),
+    "gptj": _hf("GPTJConfig", "GPTJForCausalLM", vocab_size=64, n_embd=32, n_layer=2,
+                n_head=HEADS, n_positions=64, rotary_dim=4, bos_token_id=0, eos_token_id=0),
+    "bart_cross": _hf("BartConfig", "BartModel", **_SMALL, d_model=32, encoder_layers=1,
+                      decoder_layers=1, encoder_attention_heads=HEADS,
+                      decoder_attention_heads=HEADS, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                      bos_token_id=0, eos_token_id=2, pad_token_id=1, decoder_start_token_id=2),
+    "qwen3_qk_norm": _hf("Qwen3Config", "Qwen3ForCausalLM", **_DECODER, num_key_value_heads=2,
+                         head_dim=WIDTH),
+    "llama_mqa_wide_heads": _hf("LlamaConfig", "LlamaForCausalLM", **_DECODER,
+                                num_key_value_heads=1, head_dim=16),
+}  # fmt: skip
 
 
 @dataclass
@@ -118,7 +150,10 @@ class Subject:
         if p.kind == "mha":
             return self._run_mha(zero)
         seen: dict[str, torch.Tensor] = {}
-        module = self.model.get_submodule(p.where.format(layer))
+        where = p.where.format(layer)
+        if where.startswith("."):
+            where = find_attention(self.model)[layer].name + where
+        module = self.model.get_submodule(where)
         if p.kind == "hf":
 
             def pre(mod, args):
