@@ -495,6 +495,11 @@ class AttentionModule:
     head: Callable[[int], HeadMasks]
 
 
+def _within(name: str, prefix: str) -> bool:
+    """Is module ``name`` strictly inside module ``prefix`` ("" is the root)?"""
+    return name != prefix and (prefix == "" or name.startswith(f"{prefix}."))
+
+
 def _looks_like_attention(name: str, module: nn.Module) -> bool:
     # A class named like attention, or a child named like one ("self_attn"); not the norms
     # and dropouts named after it ("post_attention_layernorm", "attn_dropout").
@@ -515,7 +520,7 @@ def find_attention(model: nn.Module) -> list[AttentionModule]:
     """
     found: list[AttentionModule] = []
     for name, module in model.named_modules():
-        if any(name.startswith(f"{f.name}.") for f in found):
+        if any(_within(name, f.name) for f in found):
             continue
         for layout in LAYOUTS:
             if layout.detect(module):
@@ -545,9 +550,9 @@ def _unrecognised(model: nn.Module, found: list[AttentionModule]) -> list[str]:
     names = [f.name for f in found]
     out = []
     for name, module in model.named_modules():
-        inside = any(name == n or name.startswith(f"{n}.") for n in names)
-        encloses = any(n.startswith(f"{name}.") or name == "" for n in names)
-        nested = any(name.startswith(f"{o}.") for o in out)
+        inside = any(name == n or _within(name, n) for n in names)
+        encloses = any(_within(n, name) for n in names)
+        nested = any(_within(name, o) for o in out)
         if not (inside or encloses or nested) and _looks_like_attention(name, module):
             out.append(name)
     return out

@@ -40,6 +40,7 @@ WIDTH = 8  # head width in every zoo transformer
 # above that: the noise (std 0.5) is 25 times the weights' init scale.
 STILL = 1e-6
 MOVED = 1e-3
+SEQ_MHA = 5  # query length for nn.MultiheadAttention probes (keys/values: one more)
 
 
 @dataclass
@@ -141,9 +142,6 @@ class Subject:
     batch: torch.Tensor
     layer: int  # the attention module (head_components' layer index) probed
 
-    def _seeded(self):
-        return torch.Generator().manual_seed(1)
-
     def run(self, zero: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """(z, attention output) at ``layer``; ``zero`` edits z before the out-projection."""
         p, layer = self.probe, self.layer
@@ -211,9 +209,6 @@ class Subject:
                 edited.reshape(flat.shape), mha.out_proj.weight, mha.out_proj.bias
             )
         return z, out
-
-
-SEQ_MHA = 5
 
 
 def _build(name: str) -> nn.Module:
