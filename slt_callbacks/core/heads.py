@@ -629,6 +629,10 @@ def head_components(
     The shared output bias belongs to no head. Masks are on trainable parameters only
     (``requires_grad``), under the names ``model.named_parameters()`` gives them.
 
+    Each mask is a bool tensor of its parameter's full shape, so one head costs one byte per
+    weight of its attention module; on a large model select ``layers``/``heads`` (each
+    component is also a separate set of SGLD chains).
+
     The result is a ``components=`` value for :func:`~slt_callbacks.estimate_llc`,
     :class:`~slt_callbacks.LLCMonitor` and :func:`~slt_callbacks.weight_norms`. To restrict
     to the QK circuit only, ``parts=("q", "k")``; to the OV circuit, ``parts=("v", "o")``.
