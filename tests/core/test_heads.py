@@ -75,6 +75,8 @@ PROBES = {
     "bart_cross": Probe("hf", ".out_proj", 1, attention_modules=3),  # encoder, decoder, cross
     "qwen3_qk_norm": Probe("hf", ".o_proj", 2),
     "llama_mqa_wide_heads": Probe("hf", ".o_proj", 4),  # 1 kv head, head_dim 16 != 32 / 4
+    # GPT-2 with cross-attention (q_attn + c_attn [k|v]); the last module is cross-attention.
+    "gpt2_cross": Probe("hf", ".c_proj", 1, attention_modules=4),
 }
 
 
@@ -114,6 +116,26 @@ _SMALL = dict(vocab_size=64, max_position_embeddings=64)
 _DECODER = dict(_SMALL, hidden_size=32, num_hidden_layers=2, num_attention_heads=HEADS,
                 intermediate_size=64)  # fmt: skip
 
+class WithEncoderStates(nn.Module):
+    """A decoder fed fixed encoder states, so that ``model(tokens)`` runs cross-attention."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+        states = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
+        self.register_buffer("states", states)
+
+    def forward(self, tokens: torch.Tensor):
+        return self.decoder(tokens, encoder_hidden_states=self.states)
+
+
+def _gpt2_cross() -> nn.Module:
+    build = _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=64, n_positions=64, n_embd=32,
+                n_layer=2, n_head=HEADS, add_cross_attention=True, bos_token_id=0,
+                eos_token_id=0)  # fmt: skip
+    return WithEncoderStates(build())
+
+
 EXTRA: dict[str, Callable[[], nn.Module]] = {
     "hooked_transformer_gqa": _tl_gqa,
     "mha_kdim_vdim": KdimVdim,
@@ -131,6 +153,7 @@ EXTRA: dict[str, Callable[[], nn.Module]] = {
                          head_dim=WIDTH),
     "llama_mqa_wide_heads": _hf("LlamaConfig", "LlamaForCausalLM", **_DECODER,
                                 num_key_value_heads=1, head_dim=16),
+    "gpt2_cross": _gpt2_cross,
 }  # fmt: skip
 
 
@@ -284,7 +307,7 @@ def test_the_layout_is_recognised(subject):
     assert len(found) == subject.probe.attention_modules
     assert all(f.num_heads == HEADS for f in found)
     expected = {
-        "gpt2": "hf_gpt2", "gpt_neox": "hf_gpt_neox", "phi3": "hf_phi3",
+        "gpt2": "hf_gpt2", "gpt2_cross": "hf_gpt2", "gpt_neox": "hf_gpt_neox", "phi3": "hf_phi3",
         "hooked_transformer": "transformer_lens", "hooked_transformer_gqa": "transformer_lens",
     }  # fmt: skip
     layout = expected.get(subject.name, "torch_mha" if subject.probe.kind == "mha" else None)
