@@ -295,6 +295,12 @@ def ignores_the_model(model, batch):
             r"LLCMonitor \(first batch of `data`\): the loss returned by `loss_fn` does not "
             r"depend on any trainable parameter",
         ),
+        (
+            lambda: LLCMonitor(config=FAST, schedule=[5], data=[regression_set(1).tensors]),
+            {},
+            ValueError,
+            r"`data` holds 1 sample\(s\), too few for the default n_beta",
+        ),
         # Before, the Hessian monitor logged 0.0 for such a loss, silently.
         (
             lambda: HessianTraceMonitor(schedule=[5], loss_fn=ignores_the_model),
@@ -312,6 +318,23 @@ def test_bad_configuration_fails_before_any_training_step(
     with pytest.raises(error, match=match):
         trainer.fit(TinyRegressor(), loader())
     assert counter.batches == 0
+
+
+def test_a_fully_frozen_model_is_refused_before_the_first_step(tmp_path):
+    class Frozen(TinyRegressor):
+        def __init__(self):
+            super().__init__()
+            self.net.requires_grad_(False)
+
+        def configure_optimizers(self):
+            return None  # nothing to train: Lightning runs without an optimizer
+
+    for monitor in (LLCMonitor(config=FAST, schedule=[5]), HessianTraceMonitor(schedule=[5])):
+        counter = StepCounter()
+        trainer = make_trainer(tmp_path, [monitor, counter])
+        with pytest.raises(ValueError, match=r"no trainable parameter"):
+            trainer.fit(Frozen(), loader())
+        assert counter.batches == 0
 
 
 def test_an_iterable_training_set_asks_for_data(tmp_path):
