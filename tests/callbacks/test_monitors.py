@@ -824,3 +824,23 @@ def test_snapshots_are_written_atomically(tmp_path, monkeypatch):
         torch.load(snapshots / name, weights_only=True)
     assert [(f["step"], f["kind"]) for f in monitor.failures] == [(3, "io_error")]
     assert our_warnings(caught, "No space left on device")
+
+
+def test_a_resumed_run_serves_the_same_steps_as_an_uninterrupted_one(tmp_path):
+    # The pointer travels in the checkpoint: after a resume at global_step 4 (two optimizers),
+    # scheduled step 5 is served at 6, as without the interruption.
+    def monitor():
+        return WeightNormMonitor(schedule=[0, 1, 3, 5, 9])
+
+    whole = monitor()
+    fit_quietly(make_trainer(tmp_path / "whole", [whole], max_steps=12), TwoOptimizers(),
+                loader(shuffle=False))  # fmt: skip
+    first = monitor()
+    trainer = make_trainer(tmp_path / "a", [first], max_steps=4)
+    fit_quietly(trainer, TwoOptimizers(), loader(shuffle=False))
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    second = monitor()
+    trainer = make_trainer(tmp_path / "b", [second], max_steps=12)
+    fit_quietly(trainer, TwoOptimizers(), loader(shuffle=False), ckpt_path=tmp_path / "half.ckpt")
+    assert [h["step"] for h in whole.history] == [0, 2, 4, 6, 10]
+    assert [h["step"] for h in second.history] == [h["step"] for h in whole.history]
