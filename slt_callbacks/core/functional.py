@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -237,18 +236,6 @@ def sum_reduction_reason(loss_of: Callable[[Any], torch.Tensor], batch: Any) -> 
         "by about the batch size. Use a mean (e.g. reduction='mean', or divide by the batch "
         "size)."
     )
-
-
-def warn_if_sum_reduced(
-    wrapper: LossModule, tensors: Mapping[str, torch.Tensor], batch: Any, *, owner: str
-) -> str | None:
-    """:func:`sum_reduction_reason` of ``wrapper``'s loss at ``tensors`` on ``batch``, issued
-    as a warning prefixed with ``owner``; returns the reason (None for a mean)."""
-    with torch.no_grad():
-        reason = sum_reduction_reason(lambda b: loss_at(wrapper, tensors, b), batch)
-    if reason is not None:
-        warnings.warn(f"{owner}: {reason}", stacklevel=3)
-    return reason
 
 
 def loss_depends_on_parameters(

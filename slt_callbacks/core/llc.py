@@ -33,10 +33,11 @@ from .functional import (
     NonFiniteLossError,
     check_model_and_loss,
     frozen_tensors,
+    loss_at,
     module_mode,
     preserve_rng,
+    sum_reduction_reason,
     trainable_parameters,
-    warn_if_sum_reduced,
 )
 from .restrict import Selector, component_mask, resolve_components
 from .sgld import SGLDStep, mala_log_acceptance
@@ -321,9 +322,14 @@ def estimate_llc(
                 f"The loss at the current weights is {init_loss} on `data`; the LLC is "
                 "undefined at a non-finite loss."
             )
-        # issue #8 (safety): a sum-reduced loss makes λ̂ wrong by ~the batch size.
-        warn_if_sum_reduced(wrapper, {**fixed, **layout.views(theta0)}, pool.batch(0),
-                            owner="estimate_llc")  # fmt: skip
+        # -- issue #8 (safety): a sum-reduced loss makes λ̂ wrong by ~the batch size. --
+        with torch.no_grad():
+            sum_reason = sum_reduction_reason(
+                lambda b: loss_at(wrapper, {**fixed, **layout.views(theta0)}, b), pool.batch(0)
+            )
+        if sum_reason is not None:
+            warnings.warn(f"estimate_llc: {sum_reason}", stacklevel=2)
+        # -- end issue #8 --
         traces = run_chains(
             wrapper, layout, theta0, fixed, pool,
             step=SGLDStep(
