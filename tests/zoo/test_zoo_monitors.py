@@ -171,7 +171,7 @@ def table(root: Path) -> str:
     for name, zoo in CASES.items():
         try:
             rows = run_case(zoo, root / name)
-        except Exception as error:  # the table reports it
+        except Exception as error:
             lines.append(f"| {name} | all | no: {type(error).__name__}: {error} | | | |")
             continue
         for monitor, row in rows.items():
