@@ -16,10 +16,9 @@ Two Hugging Face GPT-2 shapes built from configs (random weights, no downloads):
 
 Batch 8 x 64 tokens, 4 chains, fp32, ``torch.set_num_threads(1)``. Each row runs in its own
 subprocess so that its peak memory (``ru_maxrss`` above the baseline after building the model
-and the data) is its own. Head masks are built by hand from the GPT-2 layout: ``c_attn`` is a
-Conv1D with weight ``(in, 3*out)``, columns ``[q | k | v]``, head h owns columns
-``h*d_head:(h+1)*d_head`` of each (and those bias entries); ``c_proj`` rows
-``h*d_head:(h+1)*d_head``.
+and the data) is its own. Heads come from :func:`slt_callbacks.head_components` (GPT-2:
+head h owns columns ``h*d_head:(h+1)*d_head`` of each of q, k, v in the Conv1D ``c_attn``,
+those bias entries, and rows ``h*d_head:(h+1)*d_head`` of ``c_proj``).
 
 Usage: ``python benchmarks/scaling.py [--steps 2] [--backend loop] [--skip-gpt2small]
 [--only-gpt2small] [--out FILE]``; writes ``benchmarks/results/scaling_cpu.md`` by default.
@@ -37,6 +36,9 @@ import time
 import warnings
 
 import torch
+
+# Measure the checkout this file is in, not whatever copy of the package is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = {
     "small3m": dict(n_layer=2, n_head=8, n_embd=256, vocab_size=5000),
@@ -69,33 +71,15 @@ def loss_fn(model, batch):
     )
 
 
-def head_masks(model, layer: int, head: int) -> dict[str, torch.Tensor]:
-    """Head ``head`` of block ``layer``: its q, k, v columns of c_attn and its c_proj rows."""
-    cfg = model.config
-    d, dh = cfg.n_embd, cfg.n_embd // cfg.n_head
-    cols = torch.zeros(3 * d, dtype=torch.bool)
-    for block in range(3):
-        cols[block * d + head * dh : block * d + (head + 1) * dh] = True
-    rows = torch.zeros(d, dtype=torch.bool)
-    rows[head * dh : (head + 1) * dh] = True
-    pre = f"transformer.h.{layer}.attn."
-    return {
-        pre + "c_attn.weight": cols.expand(d, -1).clone(),
-        pre + "c_attn.bias": cols,
-        pre + "c_proj.weight": rows[:, None].expand(-1, d).clone(),
-    }
-
-
 def heads_of(model, which: str) -> dict[str, dict[str, torch.Tensor]]:
-    cfg = model.config
+    from slt_callbacks import head_components
+
     if which == "none":
         return {}
     if which == "all":
-        layers = range(cfg.n_layer)
-        heads = range(cfg.n_head)
-    else:  # "sample": head 0 of the first and of the last layer (the dearest, the cheapest)
-        layers, heads = [0, cfg.n_layer - 1], [0]
-    return {f"l{ly}h{h}": head_masks(model, ly, h) for ly in layers for h in heads}
+        return head_components(model)
+    # "sample": head 0 of the first and of the last layer (the dearest, the cheapest)
+    return head_components(model, layers=[0, model.config.n_layer - 1], heads=[0])
 
 
 def one(args) -> dict:
