@@ -1,4 +1,5 @@
-r"""Choose the SGLD step size of an LLC estimate from short trial chains, and say why.
+r"""Choose the SGLD step size and localization of an LLC estimate from short trial chains,
+and say why.
 
 An LLC estimate (Lau et al. 2023) is only as good as its step size ε. Too small, and the
 chains have not left w* by the end of burn-in: λ̂ is biased *low* and rises as ε grows.
@@ -29,6 +30,19 @@ The rule (:func:`choose`), in order:
    healthy grid points whose neighbours all agree (ties: the run at larger steps); the
    recommendation is its largest step size.
 
+**The localization γ** is chosen by the same rule, one γ at a time: the ladder
+:data:`DEFAULT_LOCALIZATIONS` (1, 10, 100, 1000, 10⁴) is walked upward, a full ε grid at
+each γ, and the walk stops at the first γ whose series has a verified flat region; that
+series' choice is the recommendation. So γ is the smallest value at which the chains stay
+local (healthy: no escape below L_n(w*), which is what ``not_a_minimum`` and the drift check
+detect) and λ̂ is flat in ε. Why smallest: γ adds γ/2‖w − w*‖² to the potential, and at a
+singular minimum, where nβ·L_n grows only slowly away from w*, that term cuts the posterior
+off and biases λ̂ low (deep linear networks at γ = 100: 29–98 % low; SLT_PRIMER §8). At a
+true minimum γ = 1 is therefore what the rule returns; near a saddle the small-γ chains
+escape along the descending directions (λ̂ < 0) and the ladder climbs until γ outweighs the
+negative curvature, γ ≳ nβ·|λ_min|. Pass ``localizations=[...]`` to sweep your own values
+in full (the rule then still prefers the smallest flat one), or ``[γ]`` to fix it.
+
 All grid points reuse the same seed by default (*common random numbers*): chain *c* sees the
 same minibatch order and the same noise draws at every step size, so neighbouring estimates
 are strongly correlated (0.8–0.98 per chain on the closed-form cases) and their difference
@@ -42,7 +56,7 @@ calibration is marked ``verified=False``. If no point is healthy, ``config`` is 
 ``reason`` says what to change. Both warn by default (``on_failure="warn"``), like an
 unhealthy LLC estimate; ``on_failure="raise"`` raises :class:`CalibrationError` instead.
 
-The default grid is centred on the primer's heuristic ε·nβ·λ_max = 0.1, spanning 1e-3 to 1
+The default grid is centred on the primer's heuristic ε·nβ·λ_max = 0.1, spanning 1e-3 to 3
 in half-decades, with λ_max from a few power iterations of Hessian-vector products. At a
 point where the Hessian carries no scale (nβ·λ_max ≤ γ, e.g. the origin of a linear
 network, where it vanishes) a fixed grid from 1e-7 to 1e-2 is used instead.
@@ -61,7 +75,7 @@ import numbers
 import statistics
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -81,6 +95,7 @@ from .functional import (
 from .llc import LLCResult, OnFailure, estimate_llc
 
 __all__ = [
+    "DEFAULT_LOCALIZATIONS",
     "DEFAULT_STEP_SIZES",
     "Calibration",
     "CalibrationError",
@@ -94,11 +109,17 @@ __all__ = [
 DEFAULT_STEP_SIZES: tuple[float, ...] = tuple(float(f"{10 ** (k / 2):.2g}") for k in range(-14, -3))
 """The fixed grid, 1e-7 to 1e-2 in half-decades, used when the curvature gives no scale."""
 
+DEFAULT_LOCALIZATIONS: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+"""The γ ladder tried, smallest first, until one gives a verified flat region in ε."""
+
 TARGET_STEP_CURVATURE = 0.1
 """ε·nβ·λ_max at the centre of the curvature-based grid (the primer's "≲ 0.1" heuristic)."""
 
-CURVATURE_GRID_EXPONENTS = range(-4, 3)
-"""Half-decade offsets from the centre: ε·nβ·λ_max from 1e-3 to 1."""
+CURVATURE_GRID_EXPONENTS = range(-4, 4)
+"""Half-decade offsets from the centre: ε·nβ·λ_max from 1e-3 to about 3, so that the health
+checks (acceptance, divergence at ε·nβ·λ_max ≈ 4), not the grid, bound the step size: at
+singular minima the chains mix slowly in the flat directions and the best step is often
+near the top of what the stiff directions allow (ε·nβ·λ_max ≈ 1)."""
 
 _HEALTHY_CRITERIA = HealthCriteria(min_acceptance=0.9)
 
@@ -519,11 +540,14 @@ def calibrate(
     num_power_iterations: int = 20,
     on_failure: OnFailure = "warn",
 ) -> Calibration:
-    """Choose the SGLD step size (and optionally nβ and γ) for LLC estimates of ``model``.
+    """Choose the SGLD step size and localization (optionally nβ) for LLC estimates of
+    ``model``.
 
     Runs one short LLC estimate per grid point (``step_sizes`` × ``n_betas`` ×
     ``localizations``), judges each with the health checks, and applies :func:`choose`: the
-    largest step size of the region where λ̂ does not depend on the step size. The module
+    largest step size of the region where λ̂ does not depend on the step size, at the
+    smallest localization that has such a region (with ``localizations`` unset, the γ
+    ladder :data:`DEFAULT_LOCALIZATIONS` is walked upward and stops there). The module
     docstring states the rule and why; :meth:`Calibration.to_markdown` and
     :func:`slt_callbacks.plots.plot_calibration` show the evidence.
 
@@ -538,11 +562,14 @@ def calibrate(
             (so a shuffling DataLoader cannot give grid points different L_n).
         base: every field of the recommendation that is not calibrated (chain count and
             length of the full estimate, dtype, backend, ...); default ``SGLDConfig()``.
-        step_sizes: the ε grid; default: centred on ε·nβ·λ_max = 0.1, 1e-3 to 1 in
+        step_sizes: the ε grid; default: centred on ε·nβ·λ_max = 0.1, 1e-3 to 3 in
             half-decades, or :data:`DEFAULT_STEP_SIZES` where the Hessian at w* gives no
             scale (nβ·λ_max ≤ γ).
         n_betas: nβ values to sweep; default ``[base.n_beta]`` (not swept).
-        localizations: γ values to sweep; default ``[base.localization]``.
+        localizations: γ values to sweep in full; default: the ladder
+            :data:`DEFAULT_LOCALIZATIONS`, smallest first, stopping at the first γ with a
+            verified flat region (``base.localization`` is not used). Pass
+            ``[base.localization]`` to keep γ fixed.
         num_draws: draws per calibration chain.
         num_burnin_steps: burn-in steps per calibration chain. Chains too short to mix
             at the plateau leave it narrower than the grid spacing and the choice
@@ -593,7 +620,7 @@ def calibrate(
     choose([], max_slope=max_slope, num_std_errors=num_std_errors)  # validates both
     steps = None if step_sizes is None else _check_grid("step_sizes", step_sizes)
     betas = [base.n_beta] if n_betas is None else _check_grid("n_betas", n_betas)
-    gammas = ([base.localization] if localizations is None
+    ladder = (list(DEFAULT_LOCALIZATIONS) if localizations is None
               else _check_grid("localizations", localizations, allow_zero=True))
     params = trainable_parameters(model)
     if not params:
@@ -605,18 +632,45 @@ def calibrate(
     device = next(iter(params.values())).device
     pool = build_pool(data, num_batches=base.num_batches, device=device)
     batches = [pool.batch(i) for i in range(pool.num_batches)]
-    lam_max = float("nan")
+    lam_max, power_note = float("nan"), ""
     if num_power_iterations:
-        lam_max = top_hessian_eigenvalue(
-            model, loss_fn, batches[0], num_iterations=num_power_iterations,
-            generator=torch.Generator(device=device).manual_seed(seed),
-        )
+        try:
+            lam_max = top_hessian_eigenvalue(
+                model, loss_fn, batches[0], num_iterations=num_power_iterations,
+                generator=torch.Generator(device=device).manual_seed(seed),
+            )
+        except Exception as error:  # a numerical failure is a result here
+            power_note = (f"λ_max not estimated (power iteration failed: "
+                          f"{type(error).__name__}: {error}).")
+        if not math.isfinite(lam_max):
+            lam_max = float("nan")
     trial = replace(base, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
                     num_chains=num_chains)
-    plan, grid_note = _plan(steps, betas, gammas, trial, pool.num_samples, lam_max,
-                            num_power_iterations)
-    rows = _run_grid(model, loss_fn, batches, trial, plan, criteria, lam_max,
-                     _seeds(seed, len(plan), common_random_numbers))
+    # The γ ladder: smallest first, stopping at the first γ whose series is verified flat
+    # in ε (a larger γ only restrains the chains more and biases λ̂ low). An explicit
+    # `localizations` list is swept in full.
+    stop_early = localizations is None
+    rows: list[CalibrationPoint] = []
+    notes: list[str] = []
+    seeds_iter = _seeds(seed, common_random_numbers)
+    backend = trial.backend
+    for gamma in sorted(ladder):
+        plan, note = _plan(steps, betas, [gamma], trial, pool.num_samples, lam_max,
+                           num_power_iterations)
+        if note not in notes:
+            notes.append(note)
+        seeds = [next(seeds_iter) for _ in plan]
+        series, backend = _run_grid(model, loss_fn, batches, replace(trial, backend=backend),
+                                    plan, criteria, lam_max, seeds, pool.num_samples)
+        rows += series
+        if stop_early and choose(series, max_slope=max_slope,
+                                 num_std_errors=num_std_errors).verified:
+            break
+    grid_note = " ".join(notes) + (f" {power_note}" if power_note else "")
+    if stop_early:
+        tried = sorted({p.localization for p in rows})
+        grid_note += (f" γ ladder {', '.join(f'{g:g}' for g in DEFAULT_LOCALIZATIONS)}, "
+                      f"smallest first, stopped at γ = {tried[-1]:g}.")
 
     index, reason, verified = choose(rows, max_slope=max_slope, num_std_errors=num_std_errors)
     recommended = None
@@ -674,20 +728,51 @@ def _run_grid(
     criteria: HealthCriteria,
     lam_max: float,
     seeds: list[int],
-) -> list[CalibrationPoint]:
-    """One short LLC estimate per grid point, summarised as table rows."""
+    num_samples: int,
+) -> tuple[list[CalibrationPoint], str]:
+    """One short LLC estimate per grid point, summarised as table rows; also the backend
+    later points should use. An estimator that raises (a NaN at w*, a kernel without the
+    needed derivative) gives an unhealthy row with the error as its reason, never an
+    exception: a calibration inside a training run must not stop it."""
     rows: list[CalibrationPoint] = []
     backend = trial.backend
     for (eps, beta, gamma), seed in zip(plan, seeds, strict=True):
         config = replace(trial, step_size=eps, n_beta=beta, localization=gamma,
                          backend=backend)
-        result = estimate_llc(model, loss_fn, batches, config=config, seed=seed,
-                              on_failure="ignore", criteria=criteria)
+        start = time.perf_counter()
+        try:
+            result = estimate_llc(model, loss_fn, batches, config=config, seed=seed,
+                                  on_failure="ignore", criteria=criteria)
+        except Exception as error:  # a numerical failure is a result here
+            rows.append(_failed_point(config, config.resolved_n_beta(num_samples), seed,
+                                      error, time.perf_counter() - start))
+            continue
         if backend == "auto" and result.backend == "loop":
             backend = "loop"  # vmap failed once: do not retry (and warn) at every point
         rows.append(CalibrationPoint.from_result(
             result, seed=seed, step_curvature=eps * result.n_beta * abs(lam_max)))
-    return rows
+    return rows, backend
+
+
+def _failed_point(
+    config: SGLDConfig, n_beta: float, seed: int, error: Exception, seconds: float
+) -> CalibrationPoint:
+    """The row of a grid point whose estimate raised: no estimate (reported like a point
+    whose chains all diverged), the error as the reason."""
+    return CalibrationPoint(
+        step_size=config.step_size,
+        n_beta=n_beta,
+        localization=config.localization,
+        llc_mean=float("nan"),
+        llc_std=float("nan"),
+        num_chains=config.num_chains,
+        seed=seed,
+        status=Status.ALL_DIVERGED,
+        reasons=(f"The estimator failed at this grid point ({type(error).__name__}: "
+                 f"{error}); no estimate.",),
+        healthy=False,
+        seconds=seconds,
+    )
 
 
 def _step_grid(
@@ -706,7 +791,7 @@ def _step_grid(
         return sorted(set(grid)), (
             f"centred on ε·nβ·λ_max = {TARGET_STEP_CURVATURE:g} (ε = {centre:.2g} at "
             f"nβ = {n_beta:.4g}, λ_max = {lam_max:.3g} by power iteration), "
-            "ε·nβ·λ_max from 1e-3 to 1 in half-decades."
+            "ε·nβ·λ_max from 1e-3 to 3 in half-decades."
         )
     why = ("curvature not estimated (num_power_iterations=0)" if not num_power_iterations
            else f"the Hessian at w* gives no scale (nβ·λ_max = {scale:.2g} ≤ γ = "
@@ -716,11 +801,12 @@ def _step_grid(
     )
 
 
-def _seeds(seed: int, count: int, common: bool) -> list[int]:
-    if common:
-        return [seed] * count
+def _seeds(seed: int, common: bool) -> Iterator[int]:
+    """The seed of each grid point in table order: ``seed`` itself (common random numbers),
+    or one per point drawn from a generator seeded with ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    return [int(s) for s in torch.randint(0, 2**62, (count,), generator=g)]
+    while True:
+        yield seed if common else int(torch.randint(0, 2**62, (1,), generator=g))
 
 
 def _handle_failure(calibration: Calibration, on_failure: OnFailure) -> None:

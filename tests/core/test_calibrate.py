@@ -17,6 +17,7 @@ from torch import nn
 
 from slt_callbacks import SGLDConfig, Status, estimate_llc
 from slt_callbacks.core.calibrate import (
+    DEFAULT_LOCALIZATIONS,
     DEFAULT_STEP_SIZES,
     Calibration,
     CalibrationError,
@@ -108,16 +109,17 @@ def test_top_hessian_eigenvalue_matches_exact_eigenvalue():
 
 
 def test_default_grid_is_centred_on_curvature_or_falls_back():
-    """Default grid: ε·nβ·λ_max from 1e-3 to 1 where the Hessian sets a scale; the fixed
+    """Default grid: ε·nβ·λ_max from 1e-3 to 3 where the Hessian sets a scale; the fixed
     1e-7..1e-2 grid at the origin of a linear network, where it vanishes. (Chains are
     kept tiny: only the grid is checked here.)"""
-    short = dict(num_draws=4, num_burnin_steps=0, num_chains=2, on_failure="ignore")
+    short = dict(num_draws=4, num_burnin_steps=0, num_chains=2, on_failure="ignore",
+                 localizations=[1.0])
     model, data = linear_regression()
     cal = calibrate(model, mse_half, data[:2], base=base_config(10), **short)
     products = [p.step_curvature for p in cal.table]
     assert min(products) == pytest.approx(1e-3, rel=0.1)
-    assert max(products) == pytest.approx(1.0, rel=0.1)
-    assert len(cal.table) == 7 and "centred" in cal.grid
+    assert max(products) == pytest.approx(10**0.5, rel=0.1)
+    assert len(cal.table) == 8 and "centred" in cal.grid
     origin = minimal_rank_teacher(2, 2, 2, 0)
     data = regression_data(origin, 2, n=1000)
     cal = calibrate(origin, mse_half, data, base=base_config(10), **short)
@@ -170,7 +172,7 @@ def test_all_diverged_gives_no_config_and_says_why():
     model, data = linear_regression()
     # Over 300 steps even ε = 0.1 (ε·nβ·λ_max ≈ 110) overflows to inf.
     kwargs = dict(base=base_config(10), step_sizes=[0.1, 1.0], num_draws=300,
-                  num_burnin_steps=0, num_chains=2)
+                  num_burnin_steps=0, num_chains=2, localizations=[1.0])
     with pytest.warns(UserWarning, match="Every grid point diverged"):
         cal = calibrate(model, mse_half, data[:2], **kwargs)
     assert cal.config is None and cal.chosen is None and not cal.verified
@@ -276,6 +278,99 @@ def test_rule_prefers_smallest_localization_with_a_flat_region():
     assert "γ = 1)" in reason  # says which series was skipped
 
 
+def test_rule_saddle_needs_a_larger_localization():
+    """Near a saddle the small-γ chains escape (λ̂ < 0) and a middle γ is healthy only at
+    some step sizes without agreeing neighbours: the rule takes the first γ whose series is
+    flat, here γ = 100, and not the larger γ = 1000 that is flat too (more bias)."""
+    steps = (1e-5, 3e-5, 1e-4)
+    escaped = [point(e, -50.0 * (k + 1), healthy=False, gamma=1.0,
+                     status=Status.NOT_A_MINIMUM) for k, e in enumerate(steps)]
+    ragged = [point(1e-5, 2.0, gamma=10.0, std=0.01),
+              point(3e-5, -1.0, healthy=False, gamma=10.0, status=Status.NOT_A_MINIMUM),
+              point(1e-4, 6.0, gamma=10.0, std=0.01)]
+    flat_100 = [point(e, 3.0, gamma=100.0) for e in steps]
+    flat_1000 = [point(e, 1.0, gamma=1000.0) for e in steps]
+    table = escaped + ragged + flat_100 + flat_1000
+    index, reason, verified = choose(table)
+    assert verified and (table[index].localization, table[index].step_size) == (100.0, 1e-4)
+    assert "γ = 1)" in reason and "γ = 10)" in reason
+    # At a true minimum the smallest γ is flat already and wins.
+    at_minimum = [point(e, 4.0, gamma=1.0) for e in steps] + flat_100
+    assert at_minimum[choose(at_minimum).index].localization == 1.0
+
+
+def test_ladder_stops_at_the_first_flat_localization():
+    """With `localizations` unset, calibrate walks DEFAULT_LOCALIZATIONS upward and stops at
+    the first γ whose series is verified: on 3 -> 2 linear regression (a regular minimum)
+    γ = 1 already is, so only its series is run and recommended."""
+    model, data = linear_regression()
+    cal = calibrate(model, mse_half, data, base=base_config(500),
+                    step_sizes=[3e-5, 1e-4, 3e-4], num_draws=300, num_burnin_steps=200,
+                    num_chains=4, seed=0, on_failure="ignore")
+    assert DEFAULT_LOCALIZATIONS[0] == 1.0
+    assert cal.verified, cal.to_markdown()
+    assert {p.localization for p in cal.table} == {1.0}
+    assert cal.config is not None and cal.config.localization == 1.0
+    assert "γ ladder" in cal.grid and "stopped at γ = 1" in cal.grid
+
+
+def test_ladder_climbs_at_a_saddle():
+    """w* = 0 of K(w) = 5 w1² − w2² + w2⁴ is a saddle: at nβ = 100 the wells at w2² = ½ are
+    25 units of nβK deep, so chains held by γ = 1, 10 or 100 fall in (λ̂ ≈ −20, status
+    not_a_minimum); from γ = 1000 on the pull beats the negative curvature (2·100 − γ < 0)
+    and the ladder stops there, not before."""
+
+    class Saddle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+        def forward(self) -> torch.Tensor:
+            return 5 * self.w[0] ** 2 - self.w[1] ** 2 + self.w[1] ** 4
+
+    cal = calibrate(Saddle(), lambda m, b: m(), [torch.zeros(1)],
+                    base=SGLDConfig(n_beta=100.0, num_chains=4), step_sizes=[1e-4, 3e-4, 1e-3],
+                    num_draws=300, num_burnin_steps=200, num_chains=4, seed=0,
+                    on_failure="ignore")
+    assert all(p.status is Status.NOT_A_MINIMUM for p in cal.table if p.localization <= 100)
+    assert cal.verified, cal.to_markdown()
+    assert cal.config is not None and cal.config.localization == 1000.0
+    assert sorted({p.localization for p in cal.table}) == [1.0, 10.0, 100.0, 1000.0]
+
+
+def test_estimator_failure_is_an_unhealthy_point_not_an_exception():
+    """A NaN loss at w*, or a backward the kernel cannot do, must not stop a calibration
+    (it may run inside a training run): each grid point says what failed."""
+    model, data = small_case()
+
+    def nan_loss(m, batch):
+        return mse_half(m, batch) * float("nan")
+
+    cal = calibrate(model, nan_loss, data, seed=0, **SMALL)
+    assert cal.config is None and not cal.verified
+    assert all(not p.healthy and p.status is Status.ALL_DIVERGED for p in cal.table)
+    assert all("estimator failed" in p.reasons[0] for p in cal.table)
+
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("derivative not implemented (test kernel)")
+
+    def broken_loss(m, batch):
+        return NoBackward.apply(mse_half(m, batch))
+
+    cal = calibrate(model, broken_loss, data, seed=0, **SMALL)
+    assert cal.config is None
+    assert "power iteration failed" in cal.grid
+    assert all("derivative not implemented" in p.reasons[0] for p in cal.table)
+    with pytest.raises(CalibrationError):
+        calibrate(model, broken_loss, data, seed=0, **{**SMALL, "on_failure": "raise"})
+
+
 def test_rule_validates_its_parameters():
     with pytest.raises(ValueError, match="`max_slope`"):
         choose([], max_slope=-0.1)
@@ -293,7 +388,7 @@ def small_case():
 
 SMALL = dict(base=SGLDConfig(localization=1.0, num_chains=2, num_draws=20),
              step_sizes=[1e-5, 1e-4, 1e-3], num_draws=20, num_burnin_steps=10,
-             num_chains=2, on_failure="ignore")
+             num_chains=2, on_failure="ignore", localizations=[1.0])
 
 
 def test_model_and_global_rng_untouched_and_deterministic():
@@ -327,8 +422,8 @@ def test_seeds_common_or_one_per_point():
 
 def test_sweep_over_n_beta_and_localization_and_markdown():
     model, data = small_case()
-    cal = calibrate(model, mse_half, data, n_betas=[50.0, 100.0], localizations=[10.0, 1.0],
-                    seed=0, **SMALL)
+    cal = calibrate(model, mse_half, data, n_betas=[50.0, 100.0], seed=0,
+                    **{**SMALL, "localizations": [10.0, 1.0]})
     assert len(cal.table) == 3 * 2 * 2
     keys = [(p.localization, p.n_beta) for p in cal.table]
     assert keys == sorted(keys, key=lambda k: (k[0], [50.0, 100.0].index(k[1])))
