@@ -83,9 +83,12 @@ def test_reduced_rank_regression_origin_auto_config_matches_closed_form():
     model = minimal_rank_teacher(2, 2, 2, 0)
     data = regression_data(model, 2, n=N)
     cal = calibrate(model, mse_half, data, base=base_config(5000),
-                    step_sizes=[1e-4, 3e-4, 1e-3, 1e-1], seed=0)
-    assert cal.verified, cal.to_markdown()
-    assert cal.config is not None and cal.config.step_size == 3e-4
+                    step_sizes=[1e-4, 3e-4, 1e-3, 1e-1], seed=0, on_failure="ignore")
+    # γ = 1 chains stay local, so the ladder stops there. λ̂ at 1e-4 is too noisy (chain
+    # std 0.5) to *show* agreement with 3e-4, so the choice, the largest healthy step, is
+    # unverified; the full estimate is what must be right.
+    assert {p.localization for p in cal.table} == {1.0}
+    assert cal.config is not None and cal.config.step_size == 3e-4, cal.to_markdown()
     result = estimate_llc(model, mse_half, data, config=cal.config, seed=0)
     expected = reduced_rank_regression_lambda(2, 2, 2, 0)
     assert result.llc_mean == pytest.approx(expected, rel=0.15)
@@ -219,22 +222,25 @@ def test_rule_unhealthy_point_breaks_flat_region_and_wins_nothing():
     assert choose(table).index == 4
 
 
-def test_rule_noise_tolerance_and_pairing():
+def test_rule_is_an_equivalence_test_with_pairing():
     # A 30% change over a decade exceeds max_slope = 0.2 ...
     lo = point(1e-4, 1.0, std=0.01)
     hi = point(1e-3, 1.3, std=0.01)
     assert choose([lo, hi]).verified is False
-    # ... but not if it is within two standard errors (noisy chains) ...
-    assert choose([point(1e-4, 1.0, std=0.5), point(1e-3, 1.3, std=0.5)]).verified
-    # ... unless the chains are paired (same seed): the per-chain differences are all
-    # +0.3, so the paired standard error is ~0 and the change is real.
+    # ... a 10% change with precise chains is within it ...
+    assert choose([point(1e-4, 1.0, std=0.01), point(1e-3, 1.1, std=0.01)]).verified
+    # ... but noise cannot make points agree: flatness must be shown, and two standard
+    # errors of the same 10% change (unpaired, 4 chains of std 0.2) exceed the tolerance.
+    assert not choose([point(1e-4, 1.0, std=0.2), point(1e-3, 1.1, std=0.2)]).verified
+    # Paired chains (same seed) measure the difference itself: per-chain differences all
+    # +0.1, so the paired standard error is ~0 and the 10% change is shown to be small.
     chains_lo = (0.5, 1.5, 0.7, 1.3)
-    chains_hi = tuple(c + 0.3 for c in chains_lo)
+    chains_hi = tuple(c + 0.1 for c in chains_lo)
     lo = point(1e-4, 1.0, std=0.5, per_chain=chains_lo, seed=0)
-    hi = point(1e-3, 1.3, std=0.5, per_chain=chains_hi, seed=0)
+    hi = point(1e-3, 1.1, std=0.5, per_chain=chains_hi, seed=0)
     assert difference_std_error(lo, hi) == pytest.approx(0.0, abs=1e-12)
-    assert choose([lo, hi]).verified is False
-    assert difference_std_error(lo, point(1e-3, 1.3, std=0.5, per_chain=chains_hi, seed=1)
+    assert choose([lo, hi]).verified
+    assert difference_std_error(lo, point(1e-3, 1.1, std=0.5, per_chain=chains_hi, seed=1)
                                 ) == pytest.approx(math.sqrt(2 * 0.5**2 / 4), rel=1e-9)
 
 
@@ -260,22 +266,39 @@ def test_rule_one_healthy_point_is_chosen_unverified():
     assert "Only one healthy point" in single.reason
 
 
-def test_rule_fallback_is_the_flattest_healthy_point():
-    # No neighbours agree; 3e-4 has the smallest mean slope to its neighbours.
-    table = [point(1e-4, 1.0), point(3e-4, 1.5), point(1e-3, 2.0), point(3e-3, 4.0)]
-    index, _, verified = choose(table)
-    assert (index, verified) == (1, False)
+def test_rule_fallback_is_the_largest_healthy_point():
+    """No neighbours agree: λ̂ rises with ε (short chains under-mix at small steps); the
+    coarse 1e-2 failed a health check, so the largest healthy step, 3e-3, is chosen."""
+    table = [point(1e-4, 1.0), point(3e-4, 1.5), point(1e-3, 2.0), point(3e-3, 4.0),
+             point(1e-2, 9.0, healthy=False)]
+    index, reason, verified = choose(table)
+    assert (index, verified) == (3, False)
+    assert "largest healthy step" in reason
 
 
 def test_rule_prefers_smallest_localization_with_a_flat_region():
     steps = (1e-4, 3e-4, 1e-3)
-    not_flat = [point(e, v, gamma=1.0) for e, v in zip(steps, (1.0, 2.0, 4.0), strict=True)]
+    escaped = [point(e, v, gamma=1.0, healthy=False, status=Status.NOT_A_MINIMUM)
+               for e, v in zip(steps, (-1.0, -2.0, -4.0), strict=True)]
     flat_10 = [point(e, 2.0, gamma=10.0) for e in steps]
     flat_100 = [point(e, 1.0, gamma=100.0) for e in steps]
-    table = flat_100 + flat_10 + not_flat
+    table = flat_100 + flat_10 + escaped
     index, reason, verified = choose(table)
     assert verified and table[index].localization == 10.0 and table[index].step_size == 1e-3
     assert "γ = 1)" in reason  # says which series was skipped
+
+
+def test_rule_does_not_climb_past_local_chains_that_are_not_flat():
+    """γ = 1 chains stay local (healthy, none escaped) but λ̂ still rises with ε (short
+    chains): a larger γ would look flat only because it restrains the chains (λ̂ 1.0, the
+    biased value). The rule stays at γ = 1, unverified, and says so."""
+    steps = (1e-4, 3e-4, 1e-3)
+    rising = [point(e, v, gamma=1.0) for e, v in zip(steps, (2.0, 3.0, 4.0), strict=True)]
+    flat_100 = [point(e, 1.0, gamma=100.0) for e in steps]
+    index, _, verified = choose(flat_100 + rising)
+    assert not verified
+    assert ((flat_100 + rising)[index].localization, (flat_100 + rising)[index].step_size) == (
+        1.0, 1e-3)
 
 
 def test_rule_saddle_needs_a_larger_localization():
@@ -333,8 +356,9 @@ def test_ladder_climbs_at_a_saddle():
                     num_draws=300, num_burnin_steps=200, num_chains=4, seed=0,
                     on_failure="ignore")
     assert all(p.status is Status.NOT_A_MINIMUM for p in cal.table if p.localization <= 100)
-    assert cal.verified, cal.to_markdown()
-    assert cal.config is not None and cal.config.localization == 1000.0
+    # γ = 1000 is the first rung whose chains stay local: the ladder stops there (λ̂ ≈ 0.1
+    # is too small against its noise for these short chains to verify a flat region).
+    assert cal.config is not None and cal.config.localization == 1000.0, cal.to_markdown()
     assert sorted({p.localization for p in cal.table}) == [1.0, 10.0, 100.0, 1000.0]
 
 
