@@ -3,8 +3,8 @@
 Each zoo model is estimated at its random initialisation on 16 of its batches, the pool the
 LLCMonitor draws by default, so nβ = n/log n is the monitor's default too (n = 16 × 4
 sequences: nβ ≈ 15). Measured at the defaults (ε = 1e-3, γ = 100; 2 chains × 200 draws;
-benchmarks/results/calibration_cpu.md): acceptance 0.71–0.76 on the transformers, 0.9 and
-more on the CNNs; ``low_acceptance`` starts below 0.5, the threshold asserted here.
+benchmarks/results/calibration_cpu.md): acceptance 0.71–0.77 on the transformers, 0.81–0.89
+on the CNNs; ``low_acceptance`` starts below 0.5, the threshold asserted here.
 """
 
 from __future__ import annotations
