@@ -11,14 +11,20 @@ them, which would then bias every later estimate at a true minimum low. So the p
    marked provisional: they are comparable with each other, not with the calibrated ones.
 3. **Calibrate at a scheduled step where the chains look healthy**: the previous
    (provisional) estimate was ``healthy``, or there was none yet (a schedule that starts
-   late, e.g. fine-tuning a trained model). Attempts back off: the 1st, 2nd, 4th, 8th, …
-   healthy estimate, at most ``max_attempts`` calibrations in a run.
+   late, e.g. fine-tuning a trained model), or it failed for a reason of the step size
+   (``diverged``, ``all_diverged``, ``low_acceptance``: the provisional config does not
+   suit this model, and a calibration is the fix). A ``not_a_minimum`` estimate (a saddle)
+   or a ``not_converged`` one defers. Attempts back off: the 1st, 2nd, 4th, 8th, …
+   triggering estimate, at most ``max_attempts`` calibrations in a run.
 4. **Freeze** the calibrated config when the calibration is verified (a flat region in ε)
    and w* looked like a minimum: no grid point at a smaller γ than the chosen one read
    ``not_a_minimum`` (the chains did not have to be held back from escaping).
-5. Otherwise stay provisional and try again later. After the last attempt the run keeps the
-   provisional config for good (``status = "fallback"``), never silently: the decision says
-   so, and the monitor warns and writes it into the run config.
+5. Otherwise stay provisional and try again later; a verified calibration at a saddle
+   becomes the new provisional config (its step size suits the model; its γ holds the
+   chains at saddles, so later provisional estimates are sane numbers, still flagged).
+   After the last attempt the run keeps the provisional config for good (``status =
+   "fallback"``), never silently: the decision says so, and the monitor warns and writes
+   it into the run config.
 
 :class:`AutoCalibration` holds the state (attempts, the frozen config) and is saved in
 checkpoints; :meth:`AutoCalibration.decide` is the decision, a function of the calibration's
@@ -92,7 +98,7 @@ class AutoCalibration:
         True
     """
 
-    def __init__(self, provisional: SGLDConfig, *, max_attempts: int = 3) -> None:
+    def __init__(self, provisional: SGLDConfig, *, max_attempts: int = 5) -> None:
         if not isinstance(provisional, SGLDConfig):
             raise ValueError(
                 "Expected argument `provisional` to be an SGLDConfig but got "
@@ -108,15 +114,16 @@ class AutoCalibration:
 
     def should_calibrate(self, step: int, last_status: Status | str | None) -> bool:
         """Whether to calibrate at ``step``, given the status of the previous estimate
-        (None if there was none): see rules 1, 3 and 5 of the module docstring."""
+        (None if there was none): see rules 1, 3 and 5 of the module docstring. Counts the
+        triggering estimates (the backoff), so call it once per scheduled step."""
         if self.frozen is not None or step == 0 or self.attempts >= self.max_attempts:
             return False
         if last_status is None:
             return True
-        if Status(last_status) is not Status.HEALTHY:
+        if Status(last_status) in (Status.NOT_A_MINIMUM, Status.NOT_CONVERGED):
             return False
         self.healthy_seen += 1
-        # Back off: calibrate on the 1st, 2nd, 4th, 8th, ... healthy estimate.
+        # Back off: calibrate on the 1st, 2nd, 4th, 8th, ... triggering estimate.
         return self.healthy_seen & (self.healthy_seen - 1) == 0
 
     def decide(self, calibration: Calibration | None, step: int) -> AutoDecision:
@@ -136,6 +143,8 @@ class AutoCalibration:
         if not calibration.verified:
             why = f"the calibration at step {step} is not verified ({calibration.reason})"
         else:
+            assert calibration.config is not None
+            self.provisional = calibration.config  # sane ε for this model, γ for saddles
             why = (f"at step {step} the chains escaped at γ = "
                    f"{', '.join(f'{g:g}' for g in escaped)} (not_a_minimum), so w* is no "
                    "minimum yet and the γ it needs would bias later estimates low")
@@ -164,6 +173,7 @@ class AutoCalibration:
             "frozen": None if self.frozen is None else self.frozen.to_dict(),
             "status": self.status,
             "frozen_at": self.frozen_at,
+            "provisional": self.provisional.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -174,3 +184,5 @@ class AutoCalibration:
         self.frozen = None if frozen is None else SGLDConfig.from_dict(frozen)
         self.status = state.get("status", "provisional")
         self.frozen_at = state.get("frozen_at")
+        if state.get("provisional") is not None:
+            self.provisional = SGLDConfig.from_dict(state["provisional"])

@@ -39,9 +39,12 @@ UNVERIFIED = calibration([row(1.0, chosen=True)], verified=False)
 def test_never_at_step_zero_and_only_after_a_healthy_estimate():
     policy = AutoCalibration(PROVISIONAL)
     assert not policy.should_calibrate(0, None)
-    assert not policy.should_calibrate(5, Status.NOT_A_MINIMUM)
-    assert not policy.should_calibrate(5, "low_acceptance")
+    assert not policy.should_calibrate(5, Status.NOT_A_MINIMUM)  # a saddle: defer
+    assert not policy.should_calibrate(5, "not_converged")
     assert policy.should_calibrate(5, "healthy")
+    # The provisional step size does not suit the model: calibrating is the fix.
+    for status in ("low_acceptance", "diverged", "all_diverged"):
+        assert AutoCalibration(PROVISIONAL).should_calibrate(5, status)
     # No estimate before (a schedule that starts late, a resume): calibrate.
     assert AutoCalibration(PROVISIONAL).should_calibrate(1000, None)
 
@@ -69,10 +72,13 @@ def test_saddle_or_unverified_stays_provisional_then_falls_back_loudly():
     before = policy.decide(None, 1)
     assert before.provisional and before.config == PROVISIONAL and not before.frozen
     first = policy.decide(AT_SADDLE, 10)
-    assert first.provisional and first.config == PROVISIONAL
+    # The saddle's verified choice becomes the provisional config (its ε suits the model,
+    # its γ holds the chains), from this step on; still provisional, not frozen.
+    assert first.provisional and first.config == AT_SADDLE.config and not first.frozen
     assert "escaped at γ = 1, 10" in first.reason
+    assert policy.decide(None, 11).config == AT_SADDLE.config
     last = policy.decide(UNVERIFIED, 20)
-    assert last.status == "fallback" and last.frozen and last.config == PROVISIONAL
+    assert last.status == "fallback" and last.frozen and last.config == AT_SADDLE.config
     assert "gave up after 2" in last.reason and "not verified" in last.reason
     assert not policy.should_calibrate(30, None)
 
