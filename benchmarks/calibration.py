@@ -82,17 +82,20 @@ def main() -> None:
           f"random numbers), seed {args.seed}; full estimates: 4 chains x ({args.burnin} "
           f"burn-in + {args.draws} draws), the same seed.\n")
 
-    rows = []
+    print("| case | true λ | chosen ε | chosen γ | verified | λ̂ ± se | error "
+          "| λ̂ at ε/2 ± se | shift / se | status | calibration s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    tables = []
     for key in args.cases.split(","):
         name, build, m, truth = CASES[key]
         model = build()
         data = regression_batches(model, m, num_samples=N, batch_size=BATCH)
         cal = calibrate(model, gaussian_nll, data, base=base, seed=args.seed,
                         on_failure="ignore")
-        if args.tables:
-            print(f"### {name}\n\n{cal.to_markdown()}\n", flush=True)
+        tables.append(f"### {name}\n\n{cal.to_markdown()}\n")
         if cal.config is None:
-            rows.append((name, truth, cal, None, None))
+            print(f"| {name} | {truth:g} | none | – | no | – | – | – | – | – | "
+                  f"{cal.seconds:.0f} |", flush=True)
             continue
         full = estimate_llc(model, gaussian_nll, data, config=cal.config, seed=args.seed,
                             on_failure="ignore")
@@ -100,17 +103,6 @@ def main() -> None:
                                     "step_size": cal.config.step_size / 2})
         half = estimate_llc(model, gaussian_nll, data, config=half_config, seed=args.seed,
                             on_failure="ignore")
-        rows.append((name, truth, cal, full, half))
-        print(f"done: {name} ({cal.seconds:.0f} s calibration)", flush=True)
-
-    print("\n| case | true λ | chosen ε | chosen γ | verified | λ̂ ± se | error "
-          "| λ̂ at ε/2 ± se | shift / se | status | calibration s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, truth, cal, full, half in rows:
-        if full is None:
-            print(f"| {name} | {truth:g} | none | – | no | – | – | – | – | – | "
-                  f"{cal.seconds:.0f} |")
-            continue
         se = full.llc_std / math.sqrt(full.config.num_chains)
         half_se = half.llc_std / math.sqrt(half.config.num_chains)
         shift = abs(full.llc_mean - half.llc_mean) / se
@@ -118,10 +110,12 @@ def main() -> None:
               f"{cal.config.localization:g} | {'yes' if cal.verified else 'no'} | "
               f"{full.llc_mean:.3f} ± {se:.3f} | {full.llc_mean / truth - 1:+.1%} | "
               f"{half.llc_mean:.3f} ± {half_se:.3f} | {shift:.1f} | {full.status.value} | "
-              f"{cal.seconds:.0f} |")
+              f"{cal.seconds:.0f} |", flush=True)
     print("\nse = chain std / √chains. error = λ̂/λ − 1. shift / se = |λ̂(ε) − λ̂(ε/2)| / se(ε): "
           "below 1 is the stability target. 'verified': the chosen ε lies in a flat region of "
           "λ̂(ε) (see slt_callbacks.core.calibrate).")
+    if args.tables:
+        print("\n" + "\n".join(tables))
 
 
 if __name__ == "__main__":
