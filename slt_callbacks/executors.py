@@ -58,7 +58,6 @@ calls ``training_step`` on a copy of the module without a trainer (``self.log`` 
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import threading
 import time
@@ -87,6 +86,7 @@ from .core.diagnostics import HealthCriteria
 from .core.functional import LossFn
 from .core.llc import LLCResult, estimate_llc
 from .core.restrict import Selector
+from .records import LLCRecord
 
 __all__ = [
     "Completed",
@@ -132,6 +132,44 @@ class Estimates:
     result: LLCResult
     datasets: dict[str, LLCResult]
     seconds: float
+
+    def metrics(self, prefix: str = "slt/") -> dict[str, float]:
+        """The numbers a monitor logs (``{prefix}llc``, ``llc_std``, ``diag/*``, ``llc/<c>``,
+        ``llc_data/<d>``...; see :class:`~slt_callbacks.LLCMonitor`)."""
+        result = self.result
+        metrics = {
+            f"{prefix}llc": result.llc_mean,
+            f"{prefix}llc_std": result.llc_std,
+            f"{prefix}llc_seconds": self.seconds,
+        }
+        metrics.update({f"{prefix}diag/{k}": v for k, v in result.diagnostics().items()})
+        for name, part in result.components.items():
+            metrics[f"{prefix}llc/{name}"] = part.llc_mean
+            metrics[f"{prefix}llc_std/{name}"] = part.llc_std
+        for name, part in self.datasets.items():
+            metrics[f"{prefix}llc_data/{name}"] = part.llc_mean
+            metrics[f"{prefix}llc_data_std/{name}"] = part.llc_std
+        return metrics
+
+    def record(self, *, loss: float | None = None, source: str = "slt/") -> LLCRecord:
+        """The published :class:`~slt_callbacks.records.LLCRecord` of this step."""
+        result = self.result
+        return LLCRecord(
+            step=self.step,
+            llc=result.llc_mean,
+            llc_std=result.llc_std,
+            status=result.status.value,
+            loss=loss,
+            components={n: _summary(r) for n, r in result.components.items()},
+            datasets={n: _summary(r) for n, r in self.datasets.items()},
+            seconds=self.seconds,
+            num_chains=result.config.num_chains,
+            source=source,
+        )
+
+
+def _summary(result: LLCResult) -> tuple[float, float, str]:
+    return (result.llc_mean, result.llc_std, result.status.value)
 
 
 Estimator = Callable[..., LLCResult]
@@ -293,7 +331,7 @@ def dump_context(context: RunContext) -> bytes:
     return buffer.getvalue()
 
 
-def _load_context(data: bytes) -> RunContext:
+def load_context(data: bytes) -> RunContext:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
@@ -351,7 +389,7 @@ def run_job(job: EstimateJob) -> bytes:
     if built is None:
         if job.context is None:
             raise ContextMissing(job.key)
-        register_context(job.key, _load_context(job.context))
+        register_context(job.key, load_context(job.context))
         with _CONTEXTS_LOCK:
             built = _CONTEXTS[job.key]
     estimates = _run_built(built, job)
@@ -653,8 +691,7 @@ def _progress(total: int, description: str) -> Any:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=description, unit="estimate",
-                disable=os.environ.get("SLT_NO_PROGRESS") == "1")
+    return tqdm(total=total, desc=description, unit="estimate")
 
 
 def check_executor(executor: Any) -> None:
