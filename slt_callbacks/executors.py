@@ -464,12 +464,15 @@ class Completed:
         estimates: the estimates (None if the job failed).
         error: ``"<ExceptionType>: message"`` and the worker's traceback (None if it ran).
         job: the job itself (to resubmit it, or to save it with a checkpoint).
+        exception: the exception itself, where the executor gives it back (Dask and
+            ``ProcessPoolExecutor`` re-raise the worker's exception type here).
     """
 
     step: int
     estimates: Estimates | None
     error: str | None = None
     job: EstimateJob | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -674,7 +677,7 @@ class EstimateQueue:
                 return Completed(step, _load_estimates(future.result()), job=entry.job)
             except Exception as load_error:  # a result that does not deserialize
                 error = load_error
-        return Completed(step, None, error=_describe(error), job=entry.job)
+        return Completed(step, None, error=_describe(error), job=entry.job, exception=error)
 
 
 def _is_missing(future: Future[Any]) -> bool:
