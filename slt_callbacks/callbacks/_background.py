@@ -222,3 +222,134 @@ class BackgroundEstimates:
 
 def _bytes(weights: Any) -> bytes:
     return weights.numpy().tobytes() if isinstance(weights, torch.Tensor) else bytes(weights)
+
+
+class BackgroundMixin:
+    """Hooks that turn a :class:`~slt_callbacks.callbacks._base._ScheduledMonitor` into one
+    whose measurements may run on an executor.
+
+    The monitor calls :meth:`_init_background` in ``__init__`` and :meth:`_open_background`
+    at the end of ``_prepare``, and implements :meth:`_submission` (what to submit at a due
+    step) and :meth:`_arrived` (the history entry and metrics of a delivered estimate). With
+    ``executor=None`` every hook falls through to the inline behaviour.
+    """
+
+    _background: BackgroundEstimates | None
+
+    def _init_background(
+        self,
+        executor: ExecutorLike,
+        *,
+        max_pending: int,
+        when_full: str,
+        worker_device: str | None,
+    ) -> None:
+        check_executor(executor)
+        self._background = None if executor is None else BackgroundEstimates(
+            executor, owner=type(self).__name__, max_pending=max_pending,
+            when_full=when_full, device=worker_device,
+        )
+        self._submitted_loss: dict[int, float | None] = {}
+
+    # -- for the monitor ----------------------------------------------------------------------
+
+    def _submission(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> tuple[SGLDConfig, dict[str, int]]:
+        """The config and seeds of the estimate due at ``step`` (all ranks call this)."""
+        raise NotImplementedError
+
+    def _arrived(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: Completed
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """The history entry (without "step") and metrics of a delivered estimate."""
+        raise NotImplementedError
+
+    def _open_background(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, **context: Any
+    ) -> None:
+        if self._background is not None and trainer.is_global_zero:
+            self._background.open(pl_module, **context)
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+
+    def _maybe_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._background is None:
+            super()._maybe_run(trainer, pl_module)  # type: ignore[misc]
+            return
+        if not self._due(trainer):  # type: ignore[attr-defined]
+            return
+        step = trainer.global_step
+        with self._isolated(pl_module):  # type: ignore[attr-defined]
+            config, seeds = self._submission(trainer, pl_module, step)
+        if not trainer.is_global_zero:  # under DDP each estimate is computed and logged once
+            return
+        self._submitted_loss[step] = self._loss_value()  # type: ignore[attr-defined]
+        if not self._background.submit(pl_module, step, config, seeds):
+            skipped = float(len(self._background.skipped))
+            self._sink.log({self._key("skipped_estimates"): skipped}, step=step)  # type: ignore[attr-defined]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)  # type: ignore[misc]
+        if self._background is not None and self._background.queue.is_open:
+            self._publish_all(trainer, pl_module, self._background.collect())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._background is not None and self._background.queue.is_open:
+            self._publish_all(trainer, pl_module, self._background.drain())
+            self._background.close()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self._background is not None:
+            self._background.close()  # pending work is in the last checkpoint, if any
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._background is not None:
+            self._background.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()  # type: ignore[misc]
+        if self._background is not None:
+            state["background"] = self._background.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        background = state.pop("background", None)
+        super().load_state_dict(state)  # type: ignore[misc]
+        if background is not None and self._background is not None:
+            self._background.load_state_dict(background)
+
+    # -- delivery -------------------------------------------------------------------------
+
+    def _publish_all(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, completed: list[Completed]
+    ) -> None:
+        for done in completed:
+            self._publish_one(trainer, pl_module, done)
+
+    def _publish_one(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: Completed
+    ) -> None:
+        assert self._background is not None
+        sink = self._sink  # type: ignore[attr-defined]
+        key = self._key  # type: ignore[attr-defined]
+        if done.error is not None:
+            text = self._background.describe_failure(done)
+            rank_zero_warn(text)
+            sink.alert(f"{key('llc')}: background estimate failed", text)
+            sink.log({key("failures/background"): float(self._background.num_failed)},
+                     step=done.step)
+            return
+        entry, metrics = self._arrived(trainer, pl_module, done)
+        # How far training had moved on when the number arrived (0: inline).
+        metrics[key("llc_delay_steps")] = float(trainer.global_step - done.step)
+        entry = {"step": done.step, **entry}
+        self.history.append(entry)  # type: ignore[attr-defined]
+        # At its own step: CSV and TensorBoard write that step; WandbLogger logs it as
+        # trainer/global_step without W&B's step=, so W&B keeps the late row.
+        sink.log(metrics, step=done.step)
+        self._after(trainer, pl_module, entry)  # type: ignore[attr-defined]

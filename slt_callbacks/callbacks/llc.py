@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
@@ -21,9 +20,11 @@ from slt_callbacks.core.diagnostics import HealthCriteria, Status
 from slt_callbacks.core.functional import LossFn
 from slt_callbacks.core.llc import LLCResult, estimate_llc, merge_results
 from slt_callbacks.core.restrict import Selector, resolve_components
+from slt_callbacks.executors import Completed, Estimates, ExecutorLike, estimate_all
 from slt_callbacks.plots import plot_calibration
 from slt_callbacks.records import LLCRecord
 
+from ._background import BackgroundMixin
 from ._base import ScheduleLike, _ScheduledMonitor, callbacks_with, derive_seed, gather, split
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ _ALARMING = (Status.ALL_DIVERGED, Status.DIVERGED)
 """Statuses worth a W&B alert. NOT_A_MINIMUM is the normal case while a model trains."""
 
 
-class LLCMonitor(_ScheduledMonitor):
+class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
     r"""Estimate the local learning coefficient λ̂ of the model at scheduled training steps.
 
     .. math:: \hat\lambda(w^*) = n\beta\,\bigl(\mathbb{E}_w[L_m(w)] - L_n(w^*)\bigr)
@@ -122,6 +123,27 @@ class LLCMonitor(_ScheduledMonitor):
         criteria: thresholds of the health checks.
         calibration: keyword arguments for ``calibrate`` when ``config="auto"`` (e.g.
             ``{"base": SGLDConfig(num_chains=8), "num_draws": 200}``).
+        executor: where the estimates run. ``None`` (default): inline, in the training loop.
+            ``"process"``: one background worker process (spawned, one thread), started at
+            train start and stopped at the end of fit; or any ``concurrent.futures.Executor``
+            (``dask.distributed.Client(...).get_executor()``, a ``ProcessPoolExecutor``...).
+            At a scheduled step the weights are copied to the CPU and submitted, and training
+            goes on; each result is logged when it arrives, at its own step (plus
+            ``slt/llc_delay_steps``, how many steps later it arrived). The module, loss and
+            batches are sent once per run (they must pickle). At the end of fit the monitor
+            waits for what is pending (progress bar); a failed estimate is a warning with its
+            step (``slt/failures/background``); a checkpoint keeps the pending estimates and
+            a resumed run submits them again. Under DDP rank zero submits every estimate, with
+            all ``config.num_chains`` chains, and logs it; other ranks keep no history.
+            ``config="auto"`` calibrates inline at the first scheduled step. See
+            :mod:`slt_callbacks.executors` and the README ("Estimates off the training path").
+        max_pending: estimates submitted and unfinished at most (each holds a copy of the
+            weights in memory).
+        when_full: a due step with ``max_pending`` estimates running: ``"wait"`` (default;
+            training waits for one to finish) or ``"skip"`` (the step is not estimated, a
+            warning names it, ``slt/skipped_estimates`` counts them).
+        worker_device: where the worker estimates (``"cuda:1"``: a spare GPU); default the
+            device the module trains on.
 
     Raises:
         ValueError: an argument of the wrong type or value (named in the message); in
@@ -152,6 +174,10 @@ class LLCMonitor(_ScheduledMonitor):
         snapshot_dir: str | os.PathLike[str] | None = None,
         criteria: HealthCriteria | None = None,
         calibration: Mapping[str, Any] | None = None,
+        executor: ExecutorLike = None,
+        max_pending: int = 4,
+        when_full: Literal["wait", "skip"] = "wait",
+        worker_device: str | None = None,
     ) -> None:
         super().__init__(schedule=schedule, seed=seed, prefix=prefix, loss_fn=loss_fn, data=data)
         _check_config(config, calibration)
@@ -173,6 +199,8 @@ class LLCMonitor(_ScheduledMonitor):
                 "Expected argument `snapshot_dir` to be None or a path but got "
                 f"{type(snapshot_dir).__name__}."
             )
+        self._init_background(executor, max_pending=max_pending, when_full=when_full,
+                              worker_device=worker_device)
         self.config = config
         self.components = dict(components) if components else None
         self.datasets = dict(datasets) if datasets else {}
@@ -272,6 +300,9 @@ class LLCMonitor(_ScheduledMonitor):
             self._dataset_batches[name] = batches
         if self.snapshot_dir is not None and trainer.is_global_zero:
             self._save_data()
+        self._open_background(trainer, pl_module, loss_fn=self._loss_fn, batches=self._batches,
+                              datasets=self._dataset_batches, components=self.components,
+                              criteria=self.criteria)
 
     def _num_batches(self) -> int | None:
         # For `data=`/`datasets=` None means "one pass, capped" (as estimate_llc reads data);
@@ -284,38 +315,42 @@ class LLCMonitor(_ScheduledMonitor):
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> tuple[dict[str, Any], dict[str, float]]:
-        start = time.perf_counter()
+        config, seeds = self._submission(trainer, pl_module, step)
+
+        def split_estimate(model: Any, loss_fn: Any, batches: list[Any], *, config: SGLDConfig,
+                           components: Any, seed: int, tag: str, criteria: Any) -> LLCResult:
+            return self._estimate(trainer, model, config, batches, step, tag, components)
+
+        assert self._loss_fn is not None
+        estimates = estimate_all(
+            pl_module, self._loss_fn, self._batches, step=step, config=config, seeds=seeds,
+            datasets=self._dataset_batches, components=self.components, criteria=self.criteria,
+            estimate=split_estimate,
+        )
+        return self._entry_and_metrics(estimates, self._loss_value())
+
+    def _submission(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> tuple[SGLDConfig, dict[str, int]]:
         config = self._resolved_config(trainer, pl_module, step)
         if self.snapshot_dir is not None and trainer.is_global_zero:
             self._save_snapshot(pl_module, step, config)
-        result = self._estimate(trainer, pl_module, config, self._batches, step, "llc",
-                                self.components)
-        # Data-restricted estimates run at the global nβ: λ̂ values are only comparable at
-        # one temperature, and a default nβ would otherwise follow each dataset's size.
-        data_config = replace(config, n_beta=result.n_beta)
-        by_data = {
-            name: self._estimate(
-                trainer, pl_module, data_config, batches, step, f"data/{name}", None
-            )
-            for name, batches in self._dataset_batches.items()
-        }
-        seconds = time.perf_counter() - start
-        self.last_result, self.last_dataset_results = result, by_data
-        record = LLCRecord(
-            step=step,
-            llc=result.llc_mean,
-            llc_std=result.llc_std,
-            status=result.status.value,
-            loss=self._loss_value(),
-            components={n: _summary(r) for n, r in result.components.items()},
-            datasets={n: _summary(r) for n, r in by_data.items()},
-            seconds=seconds,
-            num_chains=result.config.num_chains,
-            source=self.prefix,
-        )
-        entry = record.to_dict()
+        tags = ["llc", *(f"data/{name}" for name in self._dataset_batches)]
+        return config, {tag: derive_seed(self.seed, step, 0, tag) for tag in tags}
+
+    def _arrived(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: Completed
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        assert done.estimates is not None
+        return self._entry_and_metrics(done.estimates, self._submitted_loss.pop(done.step, None))
+
+    def _entry_and_metrics(
+        self, estimates: Estimates, loss: float | None
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        self.last_result, self.last_dataset_results = estimates.result, estimates.datasets
+        entry = estimates.record(loss=loss, source=self.prefix).to_dict()
         del entry["step"]
-        return entry, self._metrics(result, by_data, seconds)
+        return entry, estimates.metrics(self.prefix)
 
     def _estimate(
         self,
