@@ -22,7 +22,7 @@ A worker that receives a job for a key it has not seen (a second worker of a poo
 that restarted, a fresh Slurm job) raises :class:`ContextMissing`; the queue submits the job
 again with the context attached. A one-worker pool therefore receives the context exactly
 once. Executors whose every task runs in a fresh process (submitit) should use
-``ship_context="always"``.
+``ship_context="always"`` (or set ``fresh_process_per_task = True`` on the adapter).
 
 Where it runs (``executor=``):
 
@@ -494,7 +494,9 @@ class EstimateQueue:
             not crowd the training process); with other executors, set in each worker when it
             builds the context (None: leave them).
         ship_context: ``"once"`` (default; resent only to a worker that reports
-            :class:`ContextMissing`) or ``"always"`` (executors with a fresh process per task).
+            :class:`ContextMissing`) or ``"always"`` (executors with a fresh process per task;
+            also chosen when the executor has a true ``fresh_process_per_task`` attribute, as
+            a submitit adapter should).
 
     Example:
         >>> queue = EstimateQueue(None)
@@ -524,7 +526,9 @@ class EstimateQueue:
             )
         self.when_full = when_full
         self.num_threads = check_optional_int("num_threads", num_threads, minimum=1)
-        self.ship_context = ship_context
+        # Asking for the context costs a round trip per task when no task finds it cached.
+        fresh = getattr(executor, "fresh_process_per_task", False) is True
+        self.ship_context = "always" if fresh else ship_context
         self._spec = executor
         self._executor: Executor | None = None
         self._owned = False

@@ -278,3 +278,14 @@ def test_unpicklable_context_fails_when_the_queue_opens() -> None:
 def test_bad_arguments_are_named(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         EstimateQueue(**kwargs)
+
+
+def test_executor_that_says_fresh_process_per_task_gets_the_context_every_time() -> None:
+    executor = FreshProcessExecutor()
+    executor.fresh_process_per_task = True  # as a submitit adapter declares
+    queue = EstimateQueue(executor, max_pending=2)
+    queue.open(make_context())
+    done = run_steps(queue, [1, 2])
+    queue.close()
+    assert [d.error for d in done] == [None, None]
+    assert executor.with_context == [True, True]  # no refused round trip
