@@ -38,8 +38,12 @@ from .core.config import SGLDConfig
 __all__ = [
     "SNAPSHOT_VERSION",
     "Snapshot",
+    "atomic_save",
     "find_snapshots",
+    "load_run",
     "load_snapshot",
+    "save_batches",
+    "save_run",
     "save_snapshot",
 ]
 
@@ -89,7 +93,7 @@ def save_snapshot(
     """Write ``step_<step:08d>.pt`` (format version 1) and return its path."""
     path = Path(directory) / snapshot_name(step)
     weights = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
-    torch.save(
+    atomic_save(
         {
             "format": _SNAPSHOT_FORMAT,
             "version": SNAPSHOT_VERSION,
@@ -103,6 +107,35 @@ def save_snapshot(
         path,
     )
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary name in the same directory, then :func:`os.replace`.
+
+    A run killed mid-write (preemption, out of disk) then leaves either the previous file or
+    the complete new one under ``path``, never a truncated file that does not load; the
+    rename is atomic because both names are on one filesystem.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_batches(
+    directory: str | os.PathLike[str],
+    batches: list[Any],
+    datasets: Mapping[str, list[Any]],
+) -> None:
+    """``data.pt`` and one ``data-<name>.pt`` per dataset (move the batches to the CPU
+    first: they are loaded back with ``map_location="cpu"`` but saved as they are)."""
+    directory = Path(directory)
+    atomic_save(batches, directory / DATA_FILE)
+    for name, data in datasets.items():
+        atomic_save(data, directory / f"data-{name}.pt")
 
 
 def load_snapshot(path: str | os.PathLike[str]) -> Snapshot:
@@ -178,7 +211,7 @@ def save_run(directory: str | os.PathLike[str], context_bytes: bytes) -> Path:
     """Write ``run.pt``: the serialized run context (see :func:`~slt_callbacks.executors.
     dump_context`)."""
     path = Path(directory) / RUN_FILE
-    torch.save({"format": _RUN_FORMAT, "version": SNAPSHOT_VERSION, "context": context_bytes},
+    atomic_save({"format": _RUN_FORMAT, "version": SNAPSHOT_VERSION, "context": context_bytes},
                path)
     return path
 

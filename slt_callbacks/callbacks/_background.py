@@ -20,6 +20,7 @@ Under DDP only global rank zero submits and logs (each estimate is computed once
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,8 +36,10 @@ from slt_callbacks.executors import (
     ExecutorLike,
     RunContext,
     check_executor,
+    dump_context,
     pack_state,
 )
+from slt_callbacks.snapshots import save_batches, save_run
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -100,15 +103,8 @@ class BackgroundEstimates:
         criteria: Any,
     ) -> None:
         """Ship the once-per-run context; resubmit what a checkpoint left pending."""
-        context = RunContext(
-            model=pl_module,  # pickled without its trainer (LightningModule.__getstate__)
-            loss_fn=loss_fn,
-            batches=move_data_to_device(batches, "cpu"),
-            datasets={k: move_data_to_device(v, "cpu") for k, v in datasets.items()},
-            components=dict(components) if components else None,
-            criteria=criteria,
-            device=self.device or str(pl_module.device),
-        )
+        context = run_context(pl_module, loss_fn=loss_fn, batches=batches, datasets=datasets,
+                              components=components, criteria=criteria, device=self.device)
         try:
             self.queue.open(context)
         except ValueError as error:
@@ -222,6 +218,49 @@ class BackgroundEstimates:
 
 def _bytes(weights: Any) -> bytes:
     return weights.numpy().tobytes() if isinstance(weights, torch.Tensor) else bytes(weights)
+
+
+def run_context(
+    pl_module: pl.LightningModule,
+    *,
+    loss_fn: Any,
+    batches: list[Any],
+    datasets: Mapping[str, list[Any]],
+    components: Mapping[str, Any] | None,
+    criteria: Any,
+    device: str | None = None,
+) -> RunContext:
+    """What every estimate of this run shares, with the data on the CPU."""
+    return RunContext(
+        model=pl_module,  # pickled without its trainer (LightningModule.__getstate__)
+        loss_fn=loss_fn,
+        batches=move_data_to_device(batches, "cpu"),
+        datasets={k: move_data_to_device(v, "cpu") for k, v in datasets.items()},
+        components=dict(components) if components else None,
+        criteria=criteria,
+        device=device or str(pl_module.device),
+    )
+
+
+def save_run_files(
+    directory: Path,
+    pl_module: pl.LightningModule,
+    *,
+    owner: str,
+    **context: Any,
+) -> None:
+    """``data.pt``, ``data-<name>.pt`` and, if the run pickles, ``run.pt`` in ``directory``
+    (see :mod:`slt_callbacks.snapshots`): what a sweep after training needs besides the
+    weights."""
+    ready = run_context(pl_module, **context)
+    save_batches(directory, ready.batches, ready.datasets)
+    try:
+        save_run(directory, dump_context(ready))
+    except ValueError as error:
+        rank_zero_info(
+            f"{owner}: no run.pt in {directory} ({error}); pass model= (and loss_fn=) to "
+            "sweep_snapshots for a sweep after training."
+        )
 
 
 class BackgroundMixin:

@@ -1,50 +1,47 @@
-r"""LLCMonitor: the local learning coefficient λ̂ during training, one line in a Trainer."""
+r"""LLCMonitor: the local learning coefficient λ̂ during training, one line in a Trainer.
+
+A thin adapter: *when* comes from :class:`~slt_callbacks.callbacks._base._ScheduledMonitor`,
+*what* from :func:`~slt_callbacks.executors.estimate_all` (global, components, datasets),
+*where it runs* from :class:`~slt_callbacks.callbacks._background.BackgroundMixin`, the DDP
+split from :mod:`._distributed`, ``config="auto"`` from :mod:`._calibration`, warnings and
+alerts from :mod:`._health`, the snapshot files from :mod:`slt_callbacks.snapshots`.
+"""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import fields, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from slt_callbacks.core.calibrate import Calibration, calibrate
+from slt_callbacks.core.calibrate import Calibration
 from slt_callbacks.core.config import SGLDConfig
-from slt_callbacks.core.diagnostics import HealthCriteria, Status
+from slt_callbacks.core.diagnostics import HealthCriteria
 from slt_callbacks.core.functional import LossFn
-from slt_callbacks.core.llc import LLCResult, estimate_llc, merge_results
+from slt_callbacks.core.llc import LLCResult, estimate_llc
 from slt_callbacks.core.restrict import Selector, resolve_components
 from slt_callbacks.executors import Completed, Estimates, ExecutorLike, estimate_all
-from slt_callbacks.plots import plot_calibration
 from slt_callbacks.records import LLCRecord
+from slt_callbacks.seeds import derive_seed
+from slt_callbacks.snapshots import save_snapshot
 
-from ._background import BackgroundMixin
-from ._base import ScheduleLike, _ScheduledMonitor, callbacks_with, derive_seed, gather, split
-from ._guard import (
-    FAILED_STATUS,
-    FAILED_STATUS_CODE,
-    Failure,
-    OnFailure,
-    attempt,
-    raise_if_any_failed,
-)
+from ._background import BackgroundMixin, save_run_files
+from ._base import ScheduleLike, _ScheduledMonitor, callbacks_with
+from ._calibration import calibrate_in_run, publish_calibration
+from ._distributed import check_chain_split, estimate_on_ranks
+from ._guard import FAILED_STATUS, FAILED_STATUS_CODE, Failure, OnFailure, attempt
+from ._health import report_health
+from ._llc_checks import check_llc_arguments
+from ._loss_average import LossAverage
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = ["LLCMonitor"]
-
-LOSS_EMA_DECAY = 0.9
-"""Weight of the past in the training-loss average handed to stage detectors with each record."""
-
-_ALARMING = (Status.ALL_DIVERGED, Status.DIVERGED)
-"""Statuses worth a W&B alert. NOT_A_MINIMUM is the normal case while a model trains."""
 
 
 class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
@@ -125,9 +122,11 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
             resumed run reproduces an uninterrupted one.
         prefix: start of every metric key; two monitors in one trainer need different ones.
         snapshot_dir: if set, the weights of each estimate are saved there as
-            ``step_<step:08d>.pt`` (``{"step", "state_dict", "config", "seed"}``), and the
-            batches as ``data.pt`` (``data-<name>.pt`` per dataset), so the analysis can be
-            recomputed or extended after training with :func:`~slt_callbacks.estimate_llc`.
+            ``step_<step:08d>.pt`` (with the config and the seeds of every estimate), the
+            batches as ``data.pt`` (``data-<name>.pt`` per dataset) and, if they pickle, the
+            module, loss and components as ``run.pt`` (:mod:`slt_callbacks.snapshots`), so the
+            analysis can be recomputed or extended after training:
+            :func:`~slt_callbacks.sweep_snapshots`, ``slt-callbacks sweep``.
         criteria: thresholds of the health checks.
         calibration: keyword arguments for ``calibrate`` when ``config="auto"`` (e.g.
             ``{"base": SGLDConfig(num_chains=8), "num_draws": 200}``).
@@ -200,25 +199,8 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
     ) -> None:
         super().__init__(schedule=schedule, seed=seed, prefix=prefix, loss_fn=loss_fn, data=data,
                          on_failure=on_failure)
-        _check_config(config, calibration)
-        _check_mapping("components", components)
-        _check_mapping("datasets", datasets)
-        for name, value in (datasets or {}).items():
-            if isinstance(value, torch.Tensor) or not isinstance(value, Iterable):
-                raise ValueError(
-                    f"Expected `datasets[{name!r}]` to be a DataLoader or a list of batches but "
-                    f"got {type(value).__name__}."
-                )
-        if criteria is not None and not isinstance(criteria, HealthCriteria):
-            raise ValueError(
-                f"Expected argument `criteria` to be a HealthCriteria or None but got "
-                f"{type(criteria).__name__}."
-            )
-        if snapshot_dir is not None and not isinstance(snapshot_dir, str | os.PathLike):
-            raise ValueError(
-                "Expected argument `snapshot_dir` to be None or a path but got "
-                f"{type(snapshot_dir).__name__}."
-            )
+        check_llc_arguments(config=config, calibration=calibration, components=components,
+                            datasets=datasets, criteria=criteria, snapshot_dir=snapshot_dir)
         self._init_background(executor, max_pending=max_pending, when_full=when_full,
                               worker_device=worker_device)
         self.config = config
@@ -239,7 +221,7 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         self.last_dataset_results: dict[str, LLCResult] = {}
         #: With ``config="auto"``: the calibration sweep behind the chosen config.
         self.last_calibration: Calibration | None = None
-        self._loss_ema: torch.Tensor | float | None = None
+        self._loss = LossAverage()
         self._dataset_batches: dict[str, list[Any]] = {}
         self._backend: str | None = None
 
@@ -254,7 +236,7 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._loss_ema = state_dict.get("loss_ema")
+        self._loss.load(state_dict.get("loss_ema"))
         self.n_beta = state_dict.get("n_beta")
         saved = state_dict.get("config")
         if saved is None:
@@ -271,42 +253,34 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
 
     def _reset(self) -> None:
         super()._reset()
-        self._loss_ema, self.n_beta = None, None
+        self._loss, self.n_beta = LossAverage(), None
         if self.config == "auto":
             self.active_config = None  # a fresh run calibrates on its own model
 
     # -- hooks --------------------------------------------------------------------------------
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:  # fmt: skip
         # Before the estimate, so the record of step s includes the batch that produced s.
-        self._update_loss_ema(outputs)
+        self._loss.update(outputs)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active_config is not None:
-            self._check_chain_split(self.active_config, trainer.world_size)
+            check_chain_split(self.active_config, trainer.world_size, self._name)
         if any(p.requires_grad for p in pl_module.parameters()):
             # Otherwise the model is built in `configure_model`; checked at train start.
             resolve_components(pl_module, self.components)
         if self.snapshot_dir is not None and trainer.is_global_zero:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         assert self._sink is not None
-        self._sink.update_config(
-            {
-                self._key("sgld"): "auto" if self.active_config is None
-                else self.active_config.to_dict(),
-                self._key("seed"): self.seed,
-                self._key("components"): sorted(self.components or {}),
-                self._key("datasets"): sorted(self.datasets),
-            }
-        )
+        self._sink.update_config({
+            self._key("sgld"): "auto" if self.active_config is None
+            else self.active_config.to_dict(),
+            self._key("seed"): self.seed,
+            self._key("components"): sorted(self.components or {}),
+            self._key("datasets"): sorted(self.datasets),
+        })  # fmt: skip
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resolve_components(pl_module, self.components)  # frozen parameters may have changed
@@ -320,11 +294,11 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
             )
             self._check_loss(pl_module, batches[0], argument)
             self._dataset_batches[name] = batches
+        context = dict(loss_fn=self._loss_fn, batches=self._batches, criteria=self.criteria,
+                       datasets=self._dataset_batches, components=self.components)
         if self.snapshot_dir is not None and trainer.is_global_zero:
-            self._save_data()
-        self._open_background(trainer, pl_module, loss_fn=self._loss_fn, batches=self._batches,
-                              datasets=self._dataset_batches, components=self.components,
-                              criteria=self.criteria)
+            save_run_files(self.snapshot_dir, pl_module, owner=self._name, **context)
+        self._open_background(trainer, pl_module, **context)
 
     def _num_batches(self) -> int | None:
         # For `data=`/`datasets=` None means "one pass, capped" (as estimate_llc reads data);
@@ -332,22 +306,17 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         config = self.active_config or self.calibration.get("base")
         return None if config is None else config.num_batches
 
-    # -- the measurement ----------------------------------------------------------------------
+    # -- the measurement: inline here, or submitted (BackgroundMixin) -------------------------
 
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> tuple[dict[str, Any], dict[str, float]]:
         config, seeds = self._submission(trainer, pl_module, step)
-
-        def split_estimate(model: Any, loss_fn: Any, batches: list[Any], *, config: SGLDConfig,
-                           components: Any, seed: int, tag: str, criteria: Any) -> LLCResult:
-            return self._estimate(trainer, model, config, batches, step, tag, components)
-
         assert self._loss_fn is not None
         estimates = estimate_all(
             pl_module, self._loss_fn, self._batches, step=step, config=config, seeds=seeds,
             datasets=self._dataset_batches, components=self.components, criteria=self.criteria,
-            estimate=split_estimate,
+            estimate=partial(self._estimate, trainer, step),
         )
         return self._entry_and_metrics(estimates, self._loss_value())
 
@@ -355,10 +324,14 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> tuple[SGLDConfig, dict[str, int]]:
         config = self._resolved_config(trainer, pl_module, step)
-        if self.snapshot_dir is not None and trainer.is_global_zero:
-            self._save_snapshot(pl_module, step, config)
         tags = ["llc", *(f"data/{name}" for name in self._dataset_batches)]
-        return config, {tag: derive_seed(self.seed, step, 0, tag) for tag in tags}
+        # Rank zero's seeds: with one process, a sweep of the snapshot reproduces the step.
+        seeds = {tag: derive_seed(self.seed, step, 0, tag) for tag in tags}
+        if self.snapshot_dir is not None and trainer.is_global_zero:
+            frozen = tuple(n for n, p in pl_module.named_parameters() if not p.requires_grad)
+            save_snapshot(self.snapshot_dir, step=step, state_dict=pl_module.state_dict(),
+                          config=config, seeds=seeds, frozen=frozen)
+        return config, seeds
 
     def _arrived(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: Completed
@@ -374,66 +347,24 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         del entry["step"]
         return entry, estimates.metrics(self.prefix)
 
-    def _estimate(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        config: SGLDConfig,
-        batches: list[Any],
-        step: int,
-        tag: str,
-        components: Mapping[str, Selector] | None,
-    ) -> LLCResult:
+    def _estimate(self, trainer: pl.Trainer, step: int, model: Any, loss_fn: LossFn,
+                  batches: list[Any], *, config: SGLDConfig, components: Any, seed: int,
+                  tag: str, criteria: Any) -> LLCResult:  # fmt: skip
         """One estimate with this rank's share of the chains, merged over ranks."""
-        world, rank = trainer.world_size, trainer.global_rank
-        local = replace(config, num_chains=split(config.num_chains, world, rank))
         if self._backend is not None:
-            local = replace(local, backend=self._backend)
-        assert self._loss_fn is not None
-        # Every rank reaches the gather, failed or not, so that one rank's failure cannot
-        # leave the others waiting in a collective; then all ranks raise it alike.
-        outcome = attempt(
-            estimate_llc,
-            pl_module,
-            self._loss_fn,
-            batches,
-            config=local,
-            components=components,
-            seed=self._seed(trainer, step, tag),
-            on_failure="ignore",  # the monitor reports health itself, once per step
-            criteria=self.criteria,
-            rank=rank,
-        )
-        if world == 1:
-            raise_if_any_failed([outcome])
-        else:
-            parts = gather(outcome if isinstance(outcome, Failure) else _to_cpu(outcome), trainer)
-            raise_if_any_failed(parts)
-        assert isinstance(outcome, LLCResult)
-        result = outcome
-        if result.backend == "loop" and local.backend == "auto":
-            self._backend = "loop"  # vmap failed once (and core warned); do not retry each step
-        if world == 1:
-            return result
-        merged = merge_results(parts, criteria=self.criteria)
-        return replace(merged, config=replace(merged.config, backend=config.backend))
+            config = replace(config, backend=self._backend)
 
-    def _metrics(
-        self, result: LLCResult, by_data: Mapping[str, LLCResult], seconds: float
-    ) -> dict[str, float]:
-        metrics = {
-            self._key("llc"): result.llc_mean,
-            self._key("llc_std"): result.llc_std,
-            self._key("llc_seconds"): seconds,
-        }
-        metrics.update({self._key(f"diag/{k}"): v for k, v in result.diagnostics().items()})
-        for name, part in result.components.items():
-            metrics[self._key(f"llc/{name}")] = part.llc_mean
-            metrics[self._key(f"llc_std/{name}")] = part.llc_std
-        for name, part in by_data.items():
-            metrics[self._key(f"llc_data/{name}")] = part.llc_mean
-            metrics[self._key(f"llc_data_std/{name}")] = part.llc_std
-        return metrics
+        def run(local: SGLDConfig) -> Any:
+            outcome = attempt(estimate_llc, model, loss_fn, batches, config=local,
+                              components=components, seed=self._seed(trainer, step, tag),
+                              on_failure="ignore",  # the monitor reports health, once a step
+                              criteria=criteria, rank=trainer.global_rank)  # fmt: skip
+            if isinstance(outcome, LLCResult) and (outcome.backend, local.backend) == (
+                    "loop", "auto"):  # fmt: skip
+                self._backend = "loop"  # vmap failed once (core warned); do not retry each step
+            return outcome
+
+        return estimate_on_ranks(trainer, run, config, criteria)
 
     def _failed(self, failure: Failure) -> tuple[dict[str, Any], dict[str, float]]:
         """A failed estimate keeps the shape of a record (λ̂ NaN, status "failed"), so the
@@ -452,15 +383,12 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: dict[str, Any]
     ) -> None:
         assert self._sink is not None
-        if self.last_result is None:  # the estimate failed; the guard has reported it
-            record = LLCRecord.from_dict(entry)
-            for hand_off in callbacks_with(trainer, "on_llc_record"):
-                hand_off(trainer, pl_module, record)
-            return
-        if self.n_beta is None:
-            self.n_beta = self.last_result.n_beta
-            self._sink.update_config({self._key("n_beta"): self.n_beta})
-        self._report_health(entry["step"])
+        if self.last_result is not None:  # else the estimate failed; the guard reported it
+            if self.n_beta is None:
+                self.n_beta = self.last_result.n_beta
+                self._sink.update_config({self._key("n_beta"): self.n_beta})
+            report_health(self._sink, entry["step"], self.last_result, self.last_dataset_results,
+                          key=self._key, owner=self._name)
         record = LLCRecord.from_dict(entry)
         for hand_off in callbacks_with(trainer, "on_llc_record"):
             hand_off(trainer, pl_module, record)
@@ -474,198 +402,15 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         if self.active_config is not None:
             return self.active_config
         assert self._loss_fn is not None and self._sink is not None
-        options = {"on_failure": "ignore", **self.calibration}
-        options.setdefault("seed", derive_seed(self.seed, step, 0, "calibrate"))
-        # Through `attempt` and the gather: a failure on one rank fails the step on all.
-        attempted = attempt(calibrate, pl_module, self._loss_fn, self._batches, **options,
-                            rank=trainer.global_rank)  # fmt: skip
-        raise_if_any_failed(gather(attempted, trainer) if trainer.world_size > 1 else [attempted])
-        assert isinstance(attempted, Calibration)
-        outcome = attempted
-        chosen = outcome.config
-        if chosen is None:
-            chosen = options.get("base") or SGLDConfig()
-            rank_zero_warn(
-                f"LLCMonitor: calibration at step {step} found no healthy step size "
-                f"({outcome.reason}); using {chosen} for the rest of the run."
-            )
-        # Every rank must sample with the same config; rank zero's choice wins.
-        chosen = gather(chosen, trainer)[0]
-        self._check_chain_split(chosen, trainer.world_size)
-        self.active_config = chosen
-        rank_zero_info(f"LLCMonitor calibration at step {step}:\n{outcome.to_markdown()}")
-        self.last_calibration = outcome
-        self._show_calibration(trainer, outcome, step)
-        self._sink.update_config(
-            {
-                self._key("sgld"): chosen.to_dict(),
-                self._key("calibration/step"): step,
-                self._key("calibration/verified"): outcome.verified,
-                self._key("calibration/reason"): outcome.reason,
-            }
+        chosen, outcome = calibrate_in_run(
+            trainer, pl_module, loss_fn=self._loss_fn, batches=self._batches,
+            options=self.calibration, seed=self.seed, step=step, owner=self._name,
         )
+        check_chain_split(chosen, trainer.world_size, self._name)
+        self.active_config, self.last_calibration = chosen, outcome
+        publish_calibration(self._sink, trainer, outcome, chosen, step, key=self._key,
+                            owner=self._name)
         return chosen
 
-    def _show_calibration(self, trainer: pl.Trainer, outcome: Calibration, step: int) -> None:
-        """The sweep behind the chosen step size: a W&B table and image with a WandbLogger,
-        else a PNG next to the logs (the picture needs the optional matplotlib)."""
-        assert self._sink is not None
-        rows = [point.to_dict() for point in outcome.table]
-        columns = list(rows[0]) if rows else []
-        self._sink.log_table(self._key("calibration/table"), columns,
-                             [[_cell(r[c]) for c in columns] for r in rows], step)
-        if not trainer.is_global_zero:
-            return
-        try:
-            figure = plot_calibration(outcome)
-        except ImportError as missing:
-            rank_zero_info(f"LLCMonitor: no calibration plot ({missing}).")
-            return
-        if self._sink.has_wandb:
-            self._sink.log_image(self._key("calibration/plot"), figure, step)
-        else:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{self.prefix.strip('/').replace('/', '_')}_calibration.png"
-            figure.savefig(path, dpi=120)
-            rank_zero_info(f"LLCMonitor: calibration plot written to {path}")
-
-    def _report_health(self, step: int) -> None:
-        assert self.last_result is not None and self._sink is not None
-        parts = [("", self.last_result)]
-        parts += [(f"component {n!r}: ", r) for n, r in self.last_result.components.items()]
-        parts += [(f"dataset {n!r}: ", r) for n, r in self.last_dataset_results.items()]
-        unhealthy = [(tag, r) for tag, r in parts if not r.healthy]
-        if not unhealthy:
-            return
-        lines = [f"{tag}{r.status.value}: {' '.join(r.reasons)}" for tag, r in unhealthy]
-        text = f"LLCMonitor at step {step}: " + "\n".join(lines)
-        rank_zero_warn(text)
-        if any(r.status in _ALARMING for _, r in unhealthy):
-            self._sink.alert(f"{self._key('llc')}: chains diverged", text)
-
-    def _check_chain_split(self, config: SGLDConfig, world_size: int) -> None:
-        if config.num_chains < world_size:
-            raise MisconfigurationException(
-                f"LLCMonitor: SGLDConfig.num_chains={config.num_chains} cannot be split across "
-                f"{world_size} processes (each runs at least one chain). Use num_chains >= "
-                f"{world_size}, ideally a multiple of it."
-            )
-
-    def _update_loss_ema(self, outputs: Any) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            return
-        # Kept on the device as a tensor: no host sync per training step.
-        loss = loss.detach().float().reshape(())
-        if self._loss_ema is None:
-            self._loss_ema = loss
-            return
-        previous = torch.as_tensor(self._loss_ema, dtype=loss.dtype, device=loss.device)
-        self._loss_ema = torch.lerp(previous, loss, 1.0 - LOSS_EMA_DECAY)
-
     def _loss_value(self) -> float | None:
-        if self._loss_ema is None:
-            return None
-        value = float(self._loss_ema)
-        return value if math.isfinite(value) else None
-
-    def _save_snapshot(self, pl_module: pl.LightningModule, step: int, config: SGLDConfig) -> None:
-        assert self.snapshot_dir is not None
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
-        _atomic_save(
-            {
-                "step": step,
-                "state_dict": weights,
-                "config": config.to_dict(),
-                # The seed of rank zero's global estimate: with one process,
-                # estimate_llc(..., config=config, seed=seed) on data.pt reproduces slt/llc.
-                "seed": derive_seed(self.seed, step, 0, "llc"),
-            },
-            self.snapshot_dir / f"step_{step:08d}.pt",
-        )
-
-    def _save_data(self) -> None:
-        assert self.snapshot_dir is not None
-        _atomic_save(move_data_to_device(self._batches, "cpu"), self.snapshot_dir / "data.pt")
-        for name, batches in self._dataset_batches.items():
-            _atomic_save(
-                move_data_to_device(batches, "cpu"), self.snapshot_dir / f"data-{name}.pt"
-            )
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name in the same directory, then :func:`os.replace`.
-
-    A run killed mid-write (preemption, out of disk) then leaves either the previous file or
-    the complete new one under ``path``, never a truncated file that does not load; the
-    rename is atomic because both names are on one filesystem.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _summary(result: LLCResult) -> tuple[float, float, str]:
-    return (result.llc_mean, result.llc_std, result.status.value)
-
-
-def _to_cpu(result: LLCResult) -> LLCResult:
-    """The result with every tensor on the CPU, so that it pickles across ranks whatever the
-    device of the chains."""
-    summary = result.summary
-    summary = replace(summary, **{f.name: getattr(summary, f.name).cpu() for f in fields(summary)})
-    tensors = {
-        f.name: value.cpu()
-        for f in fields(result)
-        if isinstance(value := getattr(result, f.name), torch.Tensor)
-    }
-    components = {name: _to_cpu(part) for name, part in result.components.items()}
-    return replace(result, **tensors, summary=summary, components=components)
-
-
-def _check_config(config: Any, calibration: Any) -> None:
-    if config is not None and config != "auto" and not isinstance(config, SGLDConfig):
-        raise ValueError(
-            "Expected argument `config` to be an SGLDConfig, 'auto' or None but got "
-            f"{config!r}."
-        )
-    if calibration is not None:
-        if not isinstance(calibration, Mapping):
-            raise ValueError(
-                "Expected argument `calibration` to be a mapping of keyword arguments for "
-                f"`calibrate` but got {type(calibration).__name__}."
-            )
-        if config != "auto":
-            raise ValueError(
-                "Argument `calibration` only applies with config='auto' but config is "
-                f"{config!r}."
-            )
-
-
-def _check_mapping(argument: str, value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, Mapping):
-        raise ValueError(
-            f"Expected argument `{argument}` to be a mapping from name to "
-            f"{'selector' if argument == 'components' else 'batches'} but got "
-            f"{type(value).__name__}."
-        )
-    for name in value:
-        # Dataset names also name snapshot files, hence no '/' there.
-        slash_ok = argument == "components"
-        if not isinstance(name, str) or not name or (not slash_ok and "/" in name):
-            rule = "non-empty strings" if slash_ok else "non-empty strings without '/'"
-            raise ValueError(
-                f"Expected the keys of `{argument}` to be {rule} (they become metric names) "
-                f"but got {name!r}."
-            )
-
-
-def _cell(value: Any) -> Any:
-    """A table cell W&B can show: containers (per-chain lists, reasons) as text."""
-    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+        return self._loss.value()

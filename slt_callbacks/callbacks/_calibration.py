@@ -1,0 +1,127 @@
+"""``config="auto"`` at run time: calibrate once, at the first scheduled step, and show why.
+
+The rule that chooses the step size is :func:`~slt_callbacks.core.calibrate.calibrate` (torch
+only); this module runs it inside a training run: on every DDP rank (rank zero's choice
+wins, so that all ranks sample with one config), through the failure guard (a calibration
+that raises fails that step, not the run), and publishes the sweep behind the choice: the
+run config, a W&B table and image with a ``WandbLogger``, else a PNG next to the logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from slt_callbacks.core.calibrate import Calibration, calibrate
+from slt_callbacks.core.config import SGLDConfig
+from slt_callbacks.plots import plot_calibration
+from slt_callbacks.seeds import derive_seed
+from slt_callbacks.sinks import MetricSink
+
+from ._distributed import gather
+from ._guard import attempt, raise_if_any_failed
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["calibrate_in_run", "check_config", "publish_calibration"]
+
+
+def calibrate_in_run(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    *,
+    loss_fn: Any,
+    batches: list[Any],
+    options: Mapping[str, Any],
+    seed: int,
+    step: int,
+    owner: str,
+) -> tuple[SGLDConfig, Calibration]:
+    """The config to freeze for the rest of the run, and the calibration behind it."""
+    options = {"on_failure": "ignore", **options}
+    options.setdefault("seed", derive_seed(seed, step, 0, "calibrate"))
+    # Through `attempt` and the gather: a failure on one rank fails the step on all.
+    attempted = attempt(calibrate, pl_module, loss_fn, batches, **options,
+                        rank=trainer.global_rank)  # fmt: skip
+    raise_if_any_failed(gather(attempted, trainer) if trainer.world_size > 1 else [attempted])
+    assert isinstance(attempted, Calibration)
+    outcome = attempted
+    chosen = outcome.config
+    if chosen is None:
+        chosen = options.get("base") or SGLDConfig()
+        rank_zero_warn(
+            f"{owner}: calibration at step {step} found no healthy step size "
+            f"({outcome.reason}); using {chosen} for the rest of the run."
+        )
+    rank_zero_info(f"{owner} calibration at step {step}:\n{outcome.to_markdown()}")
+    # Every rank must sample with the same config; rank zero's choice wins.
+    return gather(chosen, trainer)[0], outcome
+
+
+def publish_calibration(
+    sink: MetricSink,
+    trainer: pl.Trainer,
+    outcome: Calibration,
+    chosen: SGLDConfig,
+    step: int,
+    *,
+    key: Callable[[str], str],
+    owner: str,
+) -> None:
+    """The chosen config into the run config; the sweep as a table and a picture."""
+    rows = [point.to_dict() for point in outcome.table]
+    columns = list(rows[0]) if rows else []
+    sink.log_table(key("calibration/table"), columns,
+                   [[_cell(r[c]) for c in columns] for r in rows], step)
+    sink.update_config(
+        {
+            key("sgld"): chosen.to_dict(),
+            key("calibration/step"): step,
+            key("calibration/verified"): outcome.verified,
+            key("calibration/reason"): outcome.reason,
+        }
+    )
+    if not trainer.is_global_zero:
+        return
+    try:
+        figure = plot_calibration(outcome)  # needs the optional matplotlib
+    except ImportError as missing:
+        rank_zero_info(f"{owner}: no calibration plot ({missing}).")
+        return
+    if sink.has_wandb:
+        sink.log_image(key("calibration/plot"), figure, step)
+        return
+    folder = Path(trainer.log_dir or trainer.default_root_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key('').strip('/').replace('/', '_')}_calibration.png"
+    figure.savefig(path, dpi=120)
+    rank_zero_info(f"{owner}: calibration plot written to {path}")
+
+
+def check_config(config: Any, calibration: Any) -> None:
+    """``config`` is an SGLDConfig, ``"auto"`` or None; ``calibration`` only with ``"auto"``."""
+    if config is not None and config != "auto" and not isinstance(config, SGLDConfig):
+        raise ValueError(
+            "Expected argument `config` to be an SGLDConfig, 'auto' or None but got "
+            f"{config!r}."
+        )
+    if calibration is not None:
+        if not isinstance(calibration, Mapping):
+            raise ValueError(
+                "Expected argument `calibration` to be a mapping of keyword arguments for "
+                f"`calibrate` but got {type(calibration).__name__}."
+            )
+        if config != "auto":
+            raise ValueError(
+                "Argument `calibration` only applies with config='auto' but config is "
+                f"{config!r}."
+            )
+
+
+def _cell(value: Any) -> Any:
+    """A table cell W&B can show: containers (per-chain lists, reasons) as text."""
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
