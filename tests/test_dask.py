@@ -54,7 +54,8 @@ def test_monitor_on_dask_end_to_end(client: Client, tmp_path: Any) -> None:
         warnings.filterwarnings("ignore", message="LLCMonitor at step")
         trainer.fit(TinyRegressor(), loader())
     assert [entry["step"] for entry in monitor.history] == [0, 3, 6]
-    records = sweep_snapshots(tmp_path / "snapshots", model=TinyRegressor, seed=monitor.seed,
-                              executor=client.get_executor(), progress=False)
+    # The module, loss and data come from the run's files (run.pt, data.pt).
+    records = sweep_snapshots(tmp_path / "snapshots", executor=client.get_executor(),
+                              progress=False)
     assert [r.llc for r in records] == pytest.approx(
         [entry["llc"] for entry in monitor.history], rel=1e-5, abs=1e-6)

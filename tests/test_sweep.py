@@ -62,9 +62,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 def test_sweep_with_the_runs_config_reproduces_the_monitor(trained: dict[str, Any]) -> None:
     root, monitor = trained["root"], trained["monitor"]
     csv_path = root / "out" / "llc.csv"
-    records = sweep_snapshots(root / "snapshots", model=TinyRegressor, seed=monitor.seed,
-                              components={"first": "net.0.*"}, csv_path=csv_path,
-                              progress=False)
+    # Nothing but the directory: run.pt has the module, loss and components, each snapshot
+    # its config and seeds, data*.pt the batches.
+    assert (root / "snapshots" / "run.pt").is_file()
+    records = sweep_snapshots(root / "snapshots", csv_path=csv_path, progress=False)
     # Same weights, data, config and seeds as the monitor: the same numbers (one process,
     # CPU; float rounding only).
     assert [r.step for r in records] == STEPS
@@ -127,6 +128,29 @@ def test_console_script_writes_the_csv(trained: dict[str, Any], capsys: Any) -> 
         rows = list(csv.DictReader(file))
     expected = [entry["llc"] for entry in trained["monitor"].history]
     assert [float(row["llc"]) for row in rows] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_legacy_snapshots_with_a_model_and_the_root_seed(trained: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    """Snapshots written before format version 1 (no seeds of the datasets, no run.pt)."""
+    import shutil
+
+    import torch
+
+    monitor = trained["monitor"]
+    source = trained["root"] / "snapshots"
+    for name in ("data.pt", "data-val.pt"):
+        shutil.copy(source / name, tmp_path / name)
+    new = torch.load(source / "step_00000004.pt", weights_only=True)
+    torch.save({k: new[k] for k in ("step", "state_dict", "config", "seed")},
+               tmp_path / "step_00000004.pt")
+    (record,) = sweep_snapshots(tmp_path, model=TinyRegressor, seed=monitor.seed,
+                                components={"first": "net.0.*"}, progress=False)
+    logged = monitor.history[1]
+    assert record.step == 4 == logged["step"]
+    assert record.llc == pytest.approx(logged["llc"], rel=1e-5, abs=1e-6)
+    assert record.datasets["val"][0] == pytest.approx(logged["datasets"]["val"][0], rel=1e-5,
+                                                      abs=1e-6)
 
 
 def test_console_script_names_bad_flags(trained: dict[str, Any], capsys: Any) -> None:
