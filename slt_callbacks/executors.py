@@ -29,7 +29,8 @@ Where it runs (``executor=``):
 - ``None``: inline, in the calling process, at once (the same code path, no pickling);
 - ``"process"``: one local background worker, ``ProcessPoolExecutor(max_workers=1)`` with
   the *spawn* start method (fork would copy a process whose threads, CUDA context and open
-  files belong to the trainer), started and shut down by the queue;
+  files belong to the trainer), one torch thread and a lower CPU priority (``nice`` +10),
+  started and shut down by the queue;
 - any :class:`concurrent.futures.Executor`: a ``ProcessPoolExecutor`` of your own,
   ``dask.distributed.Client(...).get_executor()`` (a multi-node Dask cluster works the same
   way as a ``LocalCluster``), or a small adapter for Ray or submitit (README, "Estimates off
@@ -57,7 +58,9 @@ calls ``training_step`` on a copy of the module without a trainer (``self.log`` 
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import pickle
 import threading
 import time
@@ -418,9 +421,18 @@ def _load_estimates(data: bytes) -> Estimates:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
-def _set_threads(num_threads: int | None) -> None:
+WORKER_NICENESS = 10
+"""How much lower the ``"process"`` worker's CPU priority is than the trainer's (POSIX
+``nice``): where cores are scarce, training comes first and the estimates take what is
+left; they still all arrive, at the latest while the monitor waits at the end of fit."""
+
+
+def _start_worker(num_threads: int | None, niceness: int) -> None:
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+    if niceness and hasattr(os, "nice"):
+        with contextlib.suppress(OSError):  # not permitted here: normal priority then
+            os.nice(niceness)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,13 +452,16 @@ class InlineExecutor(Executor):
         return future
 
 
-def process_executor(num_threads: int | None = 1) -> ProcessPoolExecutor:
-    """One spawned worker process with ``num_threads`` torch threads."""
+def process_executor(
+    num_threads: int | None = 1, niceness: int = WORKER_NICENESS
+) -> ProcessPoolExecutor:
+    """One spawned worker process with ``num_threads`` torch threads, at a lower CPU
+    priority (``niceness``, see :data:`WORKER_NICENESS`)."""
     return ProcessPoolExecutor(
         max_workers=1,
         mp_context=get_context("spawn"),
-        initializer=_set_threads,
-        initargs=(num_threads,),
+        initializer=_start_worker,
+        initargs=(num_threads, niceness),
     )
 
 
