@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
+from slt_callbacks.core.config import SGLDConfig
 from slt_callbacks.core.diagnostics import HealthCriteria
 
 from ._calibration import check_config
 
-__all__ = ["check_llc_arguments"]
+__all__ = ["check_default_n_beta", "check_llc_arguments"]
 
 
 def check_llc_arguments(
@@ -64,3 +65,23 @@ def _check_mapping(argument: str, value: Any) -> None:
                 f"Expected the keys of `{argument}` to be {rule} (they become metric names) "
                 f"but got {name!r}."
             )
+
+
+def check_default_n_beta(config: SGLDConfig, batches: list[Any], *, owner: str) -> None:
+    """The default nβ = n/log n needs n >= 2 samples; say so now, not at the first
+    estimate (where it would be logged as a failed step, step after step)."""
+    if config.n_beta is not None:
+        return
+    num_samples = sum(_batch_len(b) for b in batches)
+    if num_samples < 2:
+        raise ValueError(
+            f"{owner}: `data` holds {num_samples} sample(s), too few "
+            "for the default n_beta = n/log n. Pass more data, or SGLDConfig(n_beta=...)."
+        )
+
+
+def _batch_len(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its first batched tensor."""
+    leaves = [x for x in torch.utils._pytree.tree_leaves(batch)
+              if isinstance(x, torch.Tensor) and x.dim()]  # fmt: skip
+    return int(leaves[0].shape[0]) if leaves else 1

@@ -35,7 +35,7 @@ from ._calibration import calibrate_in_run, publish_calibration
 from ._distributed import check_chain_split, estimate_on_ranks
 from ._guard import FAILED_STATUS, FAILED_STATUS_CODE, Failure, OnFailure, attempt
 from ._health import report_health
-from ._llc_checks import check_llc_arguments
+from ._llc_checks import check_default_n_beta, check_llc_arguments
 from ._loss_average import LossAverage
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
             int (every n steps) or None (log-spaced, 8 per decade).
         components: weight-restricted λ̂: ``{name: selector}`` with a glob over parameter
             names (``"layers.0.*"``), a list of globs, or ``{parameter_name: bool mask}``
-            (e.g. from :func:`~slt_callbacks.attention_head_components`).
+            (e.g. from :func:`~slt_callbacks.head_components`).
         datasets: data-restricted λ̂: ``{name: DataLoader or list of batches}``; each is read
             once at the start of training and reused.
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of ``batch``; default the
@@ -294,6 +294,7 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
             )
             self._check_loss(pl_module, batches[0], argument)
             self._dataset_batches[name] = batches
+        check_default_n_beta(config, self._batches, owner=self._name)
         context = dict(loss_fn=self._loss_fn, batches=self._batches, criteria=self.criteria,
                        datasets=self._dataset_batches, components=self.components)
         if self.snapshot_dir is not None and trainer.is_global_zero:
