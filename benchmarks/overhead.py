@@ -6,6 +6,8 @@ configuration alike; the table reports the median and the overhead relative to t
 of the baseline measured in the same invocation. One thread (``torch.set_num_threads(1)``).
 
     python benchmarks/overhead.py [--steps 1000] [--repeats 3]
+    python benchmarks/overhead.py --executors [--steps 3000 10000] [--repeats 2]
+
 
 The run: an MLP 32-128-128-10 (22k parameters) on a synthetic 10-class task, batch 128,
 Adam, ``--steps`` optimizer steps. Monitors use their defaults: the log-spaced schedule
@@ -13,11 +15,20 @@ Adam, ``--steps`` optimizer steps. Monitors use their defaults: the log-spaced s
 × 300 SGLD steps, 16 batches) for the LLC, 16 probes plus the Fisher on one batch for the
 Hessian. The overhead therefore depends on the length of the run: the schedule measures
 O(log steps) times, so the percentage falls as training gets longer.
+
+``--executors`` compares where the LLC estimates run instead: no monitor, ``LLCMonitor()``
+inline, and ``LLCMonitor(executor="process")`` (one background worker process with one
+thread, ``max_pending`` estimates in flight). It reports the *training loop* (from the call
+to ``fit`` until the last training batch ended) separately from the whole ``fit`` (which, in
+the background case, ends by waiting for the estimates still running), and checks that every
+scheduled estimate was logged by the time ``fit`` returned. Best of ``--repeats`` runs,
+round-robin.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -91,15 +102,103 @@ def time_fit(
     return seconds, cpu, measured
 
 
+class LoopClock(pl.Callback):
+    """When the last training batch ended (after every other callback's batch-end work)."""
+
+    def __init__(self) -> None:
+        self.last_batch_end = float("nan")
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.last_batch_end = time.perf_counter()
+
+
+EXECUTOR_CONFIGS: dict[str, Callable[[int], list[pl.Callback]]] = {
+    "none (baseline)": lambda pending: [],
+    "LLCMonitor() inline": lambda pending: [LLCMonitor()],
+    "LLCMonitor(executor='process')": lambda pending: [
+        LLCMonitor(executor="process", max_pending=pending)
+    ],
+}
+
+
+def time_loop(
+    callbacks: list[pl.Callback], steps: int, data: TensorDataset
+) -> tuple[float, float, int, int]:
+    """Seconds of the training loop and of the whole fit, estimates logged and scheduled."""
+    clock = LoopClock()
+    pl.seed_everything(0, verbose=False)
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = pl.Trainer(
+            max_steps=steps, callbacks=[*callbacks, clock], logger=pl.loggers.CSVLogger(logs),
+            accelerator="cpu", log_every_n_steps=50, enable_checkpointing=False,
+            enable_model_summary=False, enable_progress_bar=False,
+        )
+        loader = DataLoader(data, batch_size=128, shuffle=True)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(Classifier(), loader)
+        total = time.perf_counter() - start
+    monitors = [cb for cb in callbacks if isinstance(cb, LLCMonitor)]
+    logged = len(monitors[0].history) if monitors else 0
+    scheduled = sum(monitors[0].schedule.should_run(s) for s in range(steps + 1)) if monitors else 0
+    return clock.last_batch_end - start, total, logged, scheduled
+
+
+def compare_executors(step_counts: list[int], repeats: int, max_pending: int) -> str:
+    data = dataset()
+    time_loop([], 50, data)  # warm-up
+    lines = [
+        f"Where the estimates run: training-loop time (best of {repeats}, round-robin), 1 "
+        f"training thread, worker process with 1 thread, max_pending={max_pending}, "
+        f"{torch.__version__}, CPU ({os.cpu_count()} cores, shared with other jobs)\n",
+        "| steps | monitor | estimates logged / scheduled | training loop (s) | "
+        "× no monitor | whole fit, incl. the wait at the end (s) | × no monitor |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for steps in step_counts:
+        loops: dict[str, list[float]] = {name: [] for name in EXECUTOR_CONFIGS}
+        fits: dict[str, list[float]] = {name: [] for name in EXECUTOR_CONFIGS}
+        counts: dict[str, tuple[int, int]] = {}
+        for _ in range(repeats):
+            for name, make in EXECUTOR_CONFIGS.items():
+                loop, fit, logged, scheduled = time_loop(make(max_pending), steps, data)
+                loops[name].append(loop)
+                fits[name].append(fit)
+                counts[name] = (logged, scheduled)
+                print(f"  {steps} steps, {name}: loop {loop:.2f} s, fit {fit:.2f} s, "
+                      f"{logged}/{scheduled} estimates", flush=True)
+        base_loop, base_fit = min(loops["none (baseline)"]), min(fits["none (baseline)"])
+        for name in EXECUTOR_CONFIGS:
+            loop, fit = min(loops[name]), min(fits[name])
+            logged, scheduled = counts[name]
+            estimates = "–" if name.startswith("none") else f"{logged} / {scheduled}"
+            lines.append(
+                f"| {steps} | {name} | {estimates} | {loop:.2f} | {loop / base_loop:.2f}× "
+                f"| {fit:.2f} | {fit / base_fit:.2f}× |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--executors", action="store_true",
+                        help="compare inline and background LLC estimates instead")
+    parser.add_argument("--max-pending", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(1)
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    if args.executors:
+        table = compare_executors(args.steps or [3000, 10000], args.repeats or 2,
+                                  args.max_pending)
+        print("\n" + table)
+        return
+    args.steps = (args.steps or [1000])[0]
+    args.repeats = args.repeats or 3
     data = dataset()
 
     time_fit([], 50, data)  # warm-up: first-call costs (imports, allocator) are nobody's

@@ -30,7 +30,6 @@ are drawn once from its *dataset* with the monitor's own generator.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -39,13 +38,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    FSDPStrategy,
-    ModelParallelStrategy,
-    SingleDeviceStrategy,
-)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
@@ -67,14 +59,18 @@ from slt_callbacks.core.functional import (
     trainable_parameters,
 )
 from slt_callbacks.schedule import Schedule, coerce, fire
+from slt_callbacks.seeds import derive_seed
 from slt_callbacks.sinks import MetricSink
 
+from ._distributed import check_strategy, gather, split
 from ._guard import CAUGHT, Failure, FailureGuard, OnFailure
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["TrainingStepLoss", "derive_seed"]
+# check_strategy, gather, split and derive_seed live in ._distributed and slt_callbacks.seeds;
+# they are importable from here too.
+__all__ = ["TrainingStepLoss", "check_strategy", "derive_seed", "gather", "split"]
 
 ScheduleLike = Schedule | list[int] | int | None
 """What a monitor's ``schedule=`` accepts (see :func:`slt_callbacks.schedule.coerce`)."""
@@ -163,18 +159,6 @@ class TrainingStepLoss:
         return "TrainingStepLoss()"
 
 
-def derive_seed(seed: int, step: int, rank: int, tag: str) -> int:
-    """A 63-bit seed for one measurement, a pure function of its coordinates.
-
-    Deriving (instead of drawing from a generator that advances) makes a resumed run reproduce
-    the numbers of an uninterrupted one without storing generator state, and gives each DDP
-    rank independent chains. A hash, not ``seed + step``: nearby seeds must not give
-    correlated streams.
-    """
-    digest = hashlib.blake2b(f"{seed}:{step}:{rank}:{tag}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 # --------------------------------------------------------------------------------------------
 # The default data: drawn once from the training set, never through its DataLoader.
 # --------------------------------------------------------------------------------------------
@@ -232,47 +216,6 @@ def take_batches(data: Iterable[Any], *, limit: int, argument: str, owner: str) 
             f"{owner}: expected `{argument}` to yield at least one batch but it was empty."
         )
     return batches
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed: Lightning's DDP family only.
-# --------------------------------------------------------------------------------------------
-
-_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-
-
-def check_strategy(trainer: pl.Trainer, owner: str) -> None:
-    """Raise for strategies whose processes do not each hold the whole model."""
-    strategy = trainer.strategy
-    if isinstance(strategy, _SHARDED):
-        raise MisconfigurationException(
-            f"{owner} cannot run with {type(strategy).__name__}: the parameters are sharded "
-            "across processes, and the estimators need every parameter on every process. Use "
-            'strategy="ddp" (or "ddp_spawn"), or a single device.'
-        )
-    if trainer.world_size > 1 and not isinstance(strategy, DDPStrategy | SingleDeviceStrategy):
-        raise MisconfigurationException(
-            f"{owner} supports a single device or Lightning's DDP strategies, but the trainer "
-            f"uses {type(strategy).__name__} on {trainer.world_size} processes."
-        )
-
-
-def gather(obj: Any, trainer: pl.Trainer) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without DDP).
-
-    ``all_gather_object`` rather than ``strategy.all_gather``: ranks may hold different
-    numbers of chains or probes, and tensors of unequal shapes cannot be gathered directly.
-    """
-    if trainer.world_size == 1 or not torch.distributed.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def split(total: int, world_size: int, rank: int) -> int:
-    """This rank's share of ``total`` chains or probes (the first ranks take the remainder)."""
-    return total // world_size + (1 if rank < total % world_size else 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,53 +1,50 @@
-r"""LLCMonitor: the local learning coefficient λ̂ during training, one line in a Trainer."""
+r"""LLCMonitor: the local learning coefficient λ̂ during training, one line in a Trainer.
+
+A thin adapter: *when* comes from :class:`~slt_callbacks.callbacks._base._ScheduledMonitor`,
+*what* from :func:`~slt_callbacks.executors.estimate_all` (global, components, datasets),
+*where it runs* from :class:`~slt_callbacks.callbacks._background.BackgroundMixin`, the DDP
+split from :mod:`._distributed`, ``config="auto"`` from :mod:`._calibration`, warnings and
+alerts from :mod:`._health`, the snapshot files from :mod:`slt_callbacks.snapshots`.
+"""
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from collections.abc import Iterable, Mapping
-from dataclasses import fields, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from slt_callbacks.core.autocal import AutoCalibration
-from slt_callbacks.core.calibrate import Calibration, calibrate
+from slt_callbacks.core.calibrate import Calibration
 from slt_callbacks.core.config import SGLDConfig
-from slt_callbacks.core.diagnostics import HealthCriteria, Status
+from slt_callbacks.core.diagnostics import HealthCriteria
 from slt_callbacks.core.functional import LossFn
-from slt_callbacks.core.llc import LLCResult, estimate_llc, merge_results
+from slt_callbacks.core.llc import LLCResult, estimate_llc
 from slt_callbacks.core.restrict import Selector, resolve_components
-from slt_callbacks.plots import plot_calibration
+from slt_callbacks.executors import Completed, Estimates, ExecutorLike, estimate_all
 from slt_callbacks.records import LLCRecord
+from slt_callbacks.seeds import derive_seed
+from slt_callbacks.snapshots import save_snapshot
 
-from ._base import ScheduleLike, _ScheduledMonitor, callbacks_with, derive_seed, gather, split
-from ._guard import (
-    FAILED_STATUS,
-    FAILED_STATUS_CODE,
-    Failure,
-    OnFailure,
-    attempt,
-    raise_if_any_failed,
-)
+from ._background import BackgroundMixin, save_run_files
+from ._base import ScheduleLike, _ScheduledMonitor, callbacks_with
+from ._calibration import RunCalibration
+from ._distributed import check_chain_split, estimate_on_ranks
+from ._guard import FAILED_STATUS, FAILED_STATUS_CODE, Failure, OnFailure, attempt
+from ._health import report_health
+from ._llc_checks import check_default_n_beta, check_llc_arguments
+from ._loss_average import LossAverage
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = ["LLCMonitor"]
 
-LOSS_EMA_DECAY = 0.9
-"""Weight of the past in the training-loss average handed to stage detectors with each record."""
 
-_ALARMING = (Status.ALL_DIVERGED, Status.DIVERGED)
-"""Statuses worth a W&B alert. NOT_A_MINIMUM is the normal case while a model trains."""
-
-
-class LLCMonitor(_ScheduledMonitor):
+class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
     r"""Estimate the local learning coefficient λ̂ of the model at scheduled training steps.
 
     .. math:: \hat\lambda(w^*) = n\beta\,\bigl(\mathbb{E}_w[L_m(w)] - L_n(w^*)\bigr)
@@ -106,9 +103,11 @@ class LLCMonitor(_ScheduledMonitor):
 
     Args:
         config: the SGLD hyperparameters, fixed for the whole run; default ``SGLDConfig()``.
-            ``"auto"``: at the first scheduled step, :func:`~slt_callbacks.core.calibrate.
-            calibrate` chooses the step size, and the config is frozen from then on (logged to
-            the run config, kept in checkpoints).
+            ``"auto"``: :func:`~slt_callbacks.core.calibrate.calibrate` chooses the step size
+            and localization where w* looks like a minimum (never at step 0); until then the
+            estimates use a provisional config and are flagged
+            (``slt/calibration/provisional``); see :mod:`slt_callbacks.core.autocal`. The
+            choice is logged to the run config and kept in checkpoints.
         schedule: when to estimate: a :class:`~slt_callbacks.Schedule`, a list of steps, an
             int (every n steps) or None (log-spaced, 8 per decade).
         components: weight-restricted λ̂: ``{name: selector}`` with a glob over parameter
@@ -125,9 +124,11 @@ class LLCMonitor(_ScheduledMonitor):
             resumed run reproduces an uninterrupted one.
         prefix: start of every metric key; two monitors in one trainer need different ones.
         snapshot_dir: if set, the weights of each estimate are saved there as
-            ``step_<step:08d>.pt`` (``{"step", "state_dict", "config", "seed"}``), and the
-            batches as ``data.pt`` (``data-<name>.pt`` per dataset), so the analysis can be
-            recomputed or extended after training with :func:`~slt_callbacks.estimate_llc`.
+            ``step_<step:08d>.pt`` (with the config and the seeds of every estimate), the
+            batches as ``data.pt`` (``data-<name>.pt`` per dataset) and, if they pickle, the
+            module, loss and components as ``run.pt`` (:mod:`slt_callbacks.snapshots`), so the
+            analysis can be recomputed or extended after training:
+            :func:`~slt_callbacks.sweep_snapshots`, ``slt-callbacks sweep``.
         criteria: thresholds of the health checks.
         calibration: keyword arguments for ``calibrate`` when ``config="auto"`` (e.g.
             ``{"base": SGLDConfig(num_chains=8), "num_draws": 200}``).
@@ -139,6 +140,27 @@ class LLCMonitor(_ScheduledMonitor):
             ``"ignore"``: the same without warnings; ``"raise"``: the error ends the run.
             Unhealthy estimates (diverged chains...) are results, not failures: they are
             logged with their status either way.
+        executor: where the estimates run. ``None`` (default): inline, in the training loop.
+            ``"process"``: one background worker process (spawned, one thread), started at
+            train start and stopped at the end of fit; or any ``concurrent.futures.Executor``
+            (``dask.distributed.Client(...).get_executor()``, a ``ProcessPoolExecutor``...).
+            At a scheduled step the weights are copied to the CPU and submitted, and training
+            goes on; each result is logged when it arrives, at its own step (plus
+            ``slt/llc_delay_steps``, how many steps later it arrived). The module, loss and
+            batches are sent once per run (they must pickle). At the end of fit the monitor
+            waits for what is pending (progress bar); a failed estimate is a warning with its
+            step (``slt/failures/background``); a checkpoint keeps the pending estimates and
+            a resumed run submits them again. Under DDP rank zero submits every estimate, with
+            all ``config.num_chains`` chains, and logs it; other ranks keep no history.
+            With ``config="auto"``, calibrations run inline (in the training process). See
+            :mod:`slt_callbacks.executors` and the README ("Estimates off the training path").
+        max_pending: estimates submitted and unfinished at most (each holds a copy of the
+            weights in memory).
+        when_full: a due step with ``max_pending`` estimates running: ``"wait"`` (default;
+            training waits for one to finish) or ``"skip"`` (the step is not estimated, a
+            warning names it, ``slt/skipped_estimates`` counts them).
+        worker_device: where the worker estimates (``"cuda:1"``: a spare GPU); default the
+            device the module trains on.
 
     Raises:
         ValueError: an argument of the wrong type or value (named in the message); in
@@ -172,28 +194,17 @@ class LLCMonitor(_ScheduledMonitor):
         criteria: HealthCriteria | None = None,
         calibration: Mapping[str, Any] | None = None,
         on_failure: OnFailure = "warn",
+        executor: ExecutorLike = None,
+        max_pending: int = 4,
+        when_full: Literal["wait", "skip"] = "wait",
+        worker_device: str | None = None,
     ) -> None:
         super().__init__(schedule=schedule, seed=seed, prefix=prefix, loss_fn=loss_fn, data=data,
                          on_failure=on_failure)
-        _check_config(config, calibration)
-        _check_mapping("components", components)
-        _check_mapping("datasets", datasets)
-        for name, value in (datasets or {}).items():
-            if isinstance(value, torch.Tensor) or not isinstance(value, Iterable):
-                raise ValueError(
-                    f"Expected `datasets[{name!r}]` to be a DataLoader or a list of batches but "
-                    f"got {type(value).__name__}."
-                )
-        if criteria is not None and not isinstance(criteria, HealthCriteria):
-            raise ValueError(
-                f"Expected argument `criteria` to be a HealthCriteria or None but got "
-                f"{type(criteria).__name__}."
-            )
-        if snapshot_dir is not None and not isinstance(snapshot_dir, str | os.PathLike):
-            raise ValueError(
-                "Expected argument `snapshot_dir` to be None or a path but got "
-                f"{type(snapshot_dir).__name__}."
-            )
+        check_llc_arguments(config=config, calibration=calibration, components=components,
+                            datasets=datasets, criteria=criteria, snapshot_dir=snapshot_dir)
+        self._init_background(executor, max_pending=max_pending, when_full=when_full,
+                              worker_device=worker_device)
         self.config = config
         self.components = dict(components) if components else None
         self.datasets = dict(datasets) if datasets else {}
@@ -212,12 +223,11 @@ class LLCMonitor(_ScheduledMonitor):
         self.last_dataset_results: dict[str, LLCResult] = {}
         #: With ``config="auto"``: the calibration sweep behind the chosen config.
         self.last_calibration: Calibration | None = None
-        self._loss_ema: torch.Tensor | float | None = None
+        self._loss = LossAverage()
         self._dataset_batches: dict[str, list[Any]] = {}
         self._backend: str | None = None
-        # config="auto": when to calibrate, and the provisional config until then (autocal).
-        self._autocal: AutoCalibration | None = None
-        self._auto_status: str | None = None
+        #: config="auto": when to calibrate, and the provisional config until then.
+        self._auto = RunCalibration(self.calibration) if config == "auto" else None
 
     # -- state --------------------------------------------------------------------------------
 
@@ -226,16 +236,16 @@ class LLCMonitor(_ScheduledMonitor):
         state["loss_ema"] = self._loss_value()
         state["n_beta"] = self.n_beta
         state["config"] = None if self.active_config is None else self.active_config.to_dict()
-        if self._autocal is not None:
-            state["autocal"] = self._autocal.state_dict()
+        if self._auto is not None:
+            state["autocal"] = self._auto.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._loss_ema = state_dict.get("loss_ema")
+        self._loss.load(state_dict.get("loss_ema"))
         self.n_beta = state_dict.get("n_beta")
-        if self.config == "auto" and state_dict.get("autocal") is not None:
-            self._auto_policy().load_state_dict(state_dict["autocal"])
+        if self._auto is not None and state_dict.get("autocal") is not None:
+            self._auto.load_state_dict(state_dict["autocal"])
         saved = state_dict.get("config")
         if saved is None:
             return
@@ -251,43 +261,35 @@ class LLCMonitor(_ScheduledMonitor):
 
     def _reset(self) -> None:
         super()._reset()
-        self._loss_ema, self.n_beta = None, None
+        self._loss, self.n_beta = LossAverage(), None
         if self.config == "auto":
             self.active_config = None  # a fresh run calibrates on its own model
-            self._autocal, self._auto_status = None, None
+            self._auto = RunCalibration(self.calibration)
 
     # -- hooks --------------------------------------------------------------------------------
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:  # fmt: skip
         # Before the estimate, so the record of step s includes the batch that produced s.
-        self._update_loss_ema(outputs)
+        self._loss.update(outputs)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active_config is not None:
-            self._check_chain_split(self.active_config, trainer.world_size)
+            check_chain_split(self.active_config, trainer.world_size, self._name)
         if any(p.requires_grad for p in pl_module.parameters()):
             # Otherwise the model is built in `configure_model`; checked at train start.
             resolve_components(pl_module, self.components)
         if self.snapshot_dir is not None and trainer.is_global_zero:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         assert self._sink is not None
-        self._sink.update_config(
-            {
-                self._key("sgld"): "auto" if self.active_config is None
-                else self.active_config.to_dict(),
-                self._key("seed"): self.seed,
-                self._key("components"): sorted(self.components or {}),
-                self._key("datasets"): sorted(self.datasets),
-            }
-        )
+        self._sink.update_config({
+            self._key("sgld"): "auto" if self.active_config is None
+            else self.active_config.to_dict(),
+            self._key("seed"): self.seed,
+            self._key("components"): sorted(self.components or {}),
+            self._key("datasets"): sorted(self.datasets),
+        })  # fmt: skip
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resolve_components(pl_module, self.components)  # frozen parameters may have changed
@@ -301,21 +303,12 @@ class LLCMonitor(_ScheduledMonitor):
             )
             self._check_loss(pl_module, batches[0], argument)
             self._dataset_batches[name] = batches
-        self._check_default_n_beta(config)
+        check_default_n_beta(config, self._batches, owner=self._name)
+        context = dict(loss_fn=self._loss_fn, batches=self._batches, criteria=self.criteria,
+                       datasets=self._dataset_batches, components=self.components)
         if self.snapshot_dir is not None and trainer.is_global_zero:
-            self._save_data()
-
-    def _check_default_n_beta(self, config: SGLDConfig) -> None:
-        """The default nβ = n/log n needs n >= 2 samples; say so now, not at the first
-        estimate (where it would be logged as a failed step, step after step)."""
-        if config.n_beta is not None:
-            return
-        num_samples = sum(_batch_len(b) for b in self._batches)
-        if num_samples < 2:
-            raise ValueError(
-                f"LLCMonitor: `data` holds {num_samples} sample(s), too few "
-                "for the default n_beta = n/log n. Pass more data, or SGLDConfig(n_beta=...)."
-            )
+            save_run_files(self.snapshot_dir, pl_module, owner=self._name, **context)
+        self._open_background(trainer, pl_module, **context)
 
     def _num_batches(self) -> int | None:
         # For `data=`/`datasets=` None means "one pass, capped" (as estimate_llc reads data);
@@ -323,108 +316,69 @@ class LLCMonitor(_ScheduledMonitor):
         config = self.active_config or self.calibration.get("base")
         return None if config is None else config.num_batches
 
-    # -- the measurement ----------------------------------------------------------------------
+    # -- the measurement: inline here, or submitted (BackgroundMixin) -------------------------
 
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> tuple[dict[str, Any], dict[str, float]]:
-        start = time.perf_counter()
-        config = self._resolved_config(trainer, pl_module, step)
-        if self.snapshot_dir is not None and trainer.is_global_zero:
-            self._save_snapshot(pl_module, step, config)
-        result = self._estimate(trainer, pl_module, config, self._batches, step, "llc",
-                                self.components)
-        # Data-restricted estimates run at the global nβ: λ̂ values are only comparable at
-        # one temperature, and a default nβ would otherwise follow each dataset's size.
-        data_config = replace(config, n_beta=result.n_beta)
-        by_data = {
-            name: self._estimate(
-                trainer, pl_module, data_config, batches, step, f"data/{name}", None
-            )
-            for name, batches in self._dataset_batches.items()
-        }
-        seconds = time.perf_counter() - start
-        self.last_result, self.last_dataset_results = result, by_data
-        record = LLCRecord(
-            step=step,
-            llc=result.llc_mean,
-            llc_std=result.llc_std,
-            status=result.status.value,
-            loss=self._loss_value(),
-            components={n: _summary(r) for n, r in result.components.items()},
-            datasets={n: _summary(r) for n, r in by_data.items()},
-            seconds=seconds,
-            num_chains=result.config.num_chains,
-            source=self.prefix,
+        config, seeds = self._submission(trainer, pl_module, step)
+        assert self._loss_fn is not None
+        estimates = estimate_all(
+            pl_module, self._loss_fn, self._batches, step=step, config=config, seeds=seeds,
+            datasets=self._dataset_batches, components=self.components, criteria=self.criteria,
+            estimate=partial(self._estimate, trainer, step),
         )
-        entry = record.to_dict()
+        return self._entry_and_metrics(estimates, self._loss_value())
+
+    def _submission(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> tuple[SGLDConfig, dict[str, int]]:
+        config = self._resolved_config(trainer, pl_module, step)
+        tags = ["llc", *(f"data/{name}" for name in self._dataset_batches)]
+        # Rank zero's seeds: with one process, a sweep of the snapshot reproduces the step.
+        seeds = {tag: derive_seed(self.seed, step, 0, tag) for tag in tags}
+        if self.snapshot_dir is not None and trainer.is_global_zero:
+            frozen = tuple(n for n, p in pl_module.named_parameters() if not p.requires_grad)
+            save_snapshot(self.snapshot_dir, step=step, state_dict=pl_module.state_dict(),
+                          config=config, seeds=seeds, frozen=frozen)
+        return config, seeds
+
+    def _arrived(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: Completed
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        assert done.estimates is not None
+        return self._entry_and_metrics(done.estimates, self._submitted_loss.pop(done.step, None))
+
+    def _entry_and_metrics(
+        self, estimates: Estimates, loss: float | None
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        self.last_result, self.last_dataset_results = estimates.result, estimates.datasets
+        entry = estimates.record(loss=loss, source=self.prefix).to_dict()
         del entry["step"]
-        metrics = self._metrics(result, by_data, seconds)
-        if self._auto_status is not None:  # config="auto": 1 while estimates are provisional
-            metrics[self._key("calibration/provisional")] = float(
-                self._auto_status == "provisional")
+        metrics = estimates.metrics(self.prefix)
+        if self._auto is not None and self._auto.status is not None:
+            # config="auto": 1 while the estimates use the provisional config.
+            metrics[self._key("calibration/provisional")] = float(self._auto.provisional)
         return entry, metrics
 
-    def _estimate(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        config: SGLDConfig,
-        batches: list[Any],
-        step: int,
-        tag: str,
-        components: Mapping[str, Selector] | None,
-    ) -> LLCResult:
+    def _estimate(self, trainer: pl.Trainer, step: int, model: Any, loss_fn: LossFn,
+                  batches: list[Any], *, config: SGLDConfig, components: Any, seed: int,
+                  tag: str, criteria: Any) -> LLCResult:  # fmt: skip
         """One estimate with this rank's share of the chains, merged over ranks."""
-        world, rank = trainer.world_size, trainer.global_rank
-        local = replace(config, num_chains=split(config.num_chains, world, rank))
         if self._backend is not None:
-            local = replace(local, backend=self._backend)
-        assert self._loss_fn is not None
-        # Every rank reaches the gather, failed or not, so that one rank's failure cannot
-        # leave the others waiting in a collective; then all ranks raise it alike.
-        outcome = attempt(
-            estimate_llc,
-            pl_module,
-            self._loss_fn,
-            batches,
-            config=local,
-            components=components,
-            seed=self._seed(trainer, step, tag),
-            on_failure="ignore",  # the monitor reports health itself, once per step
-            criteria=self.criteria,
-            rank=rank,
-        )
-        if world == 1:
-            raise_if_any_failed([outcome])
-        else:
-            parts = gather(outcome if isinstance(outcome, Failure) else _to_cpu(outcome), trainer)
-            raise_if_any_failed(parts)
-        assert isinstance(outcome, LLCResult)
-        result = outcome
-        if result.backend == "loop" and local.backend == "auto":
-            self._backend = "loop"  # vmap failed once (and core warned); do not retry each step
-        if world == 1:
-            return result
-        merged = merge_results(parts, criteria=self.criteria)
-        return replace(merged, config=replace(merged.config, backend=config.backend))
+            config = replace(config, backend=self._backend)
 
-    def _metrics(
-        self, result: LLCResult, by_data: Mapping[str, LLCResult], seconds: float
-    ) -> dict[str, float]:
-        metrics = {
-            self._key("llc"): result.llc_mean,
-            self._key("llc_std"): result.llc_std,
-            self._key("llc_seconds"): seconds,
-        }
-        metrics.update({self._key(f"diag/{k}"): v for k, v in result.diagnostics().items()})
-        for name, part in result.components.items():
-            metrics[self._key(f"llc/{name}")] = part.llc_mean
-            metrics[self._key(f"llc_std/{name}")] = part.llc_std
-        for name, part in by_data.items():
-            metrics[self._key(f"llc_data/{name}")] = part.llc_mean
-            metrics[self._key(f"llc_data_std/{name}")] = part.llc_std
-        return metrics
+        def run(local: SGLDConfig) -> Any:
+            outcome = attempt(estimate_llc, model, loss_fn, batches, config=local,
+                              components=components, seed=self._seed(trainer, step, tag),
+                              on_failure="ignore",  # the monitor reports health, once a step
+                              criteria=criteria, rank=trainer.global_rank)  # fmt: skip
+            if isinstance(outcome, LLCResult) and (outcome.backend, local.backend) == (
+                    "loop", "auto"):  # fmt: skip
+                self._backend = "loop"  # vmap failed once (core warned); do not retry each step
+            return outcome
+
+        return estimate_on_ranks(trainer, run, config, criteria)
 
     def _failed(self, failure: Failure) -> tuple[dict[str, Any], dict[str, float]]:
         """A failed estimate keeps the shape of a record (λ̂ NaN, status "failed"), so the
@@ -443,240 +397,36 @@ class LLCMonitor(_ScheduledMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: dict[str, Any]
     ) -> None:
         assert self._sink is not None
-        if self.last_result is None:  # the estimate failed; the guard has reported it
-            record = LLCRecord.from_dict(entry)
-            for hand_off in callbacks_with(trainer, "on_llc_record"):
-                hand_off(trainer, pl_module, record)
-            return
-        if self.n_beta is None:
-            self.n_beta = self.last_result.n_beta
-            self._sink.update_config({self._key("n_beta"): self.n_beta})
-        self._report_health(entry["step"])
+        if self.last_result is not None:  # else the estimate failed; the guard reported it
+            if self.n_beta is None:
+                self.n_beta = self.last_result.n_beta
+                self._sink.update_config({self._key("n_beta"): self.n_beta})
+            report_health(self._sink, entry["step"], self.last_result, self.last_dataset_results,
+                          key=self._key, owner=self._name)
         record = LLCRecord.from_dict(entry)
         for hand_off in callbacks_with(trainer, "on_llc_record"):
             hand_off(trainer, pl_module, record)
 
     # -- helpers ------------------------------------------------------------------------------
 
-    # -- config="auto" (policy in slt_callbacks.core.autocal) ---------------------------------
-
-    def _auto_policy(self) -> AutoCalibration:
-        if self._autocal is None:
-            self._autocal = AutoCalibration(self.calibration.get("base") or SGLDConfig())
-        return self._autocal
-
     def _resolved_config(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> SGLDConfig:
-        """The config of this step's estimate. With ``config="auto"``: the provisional config
-        until :class:`~slt_callbacks.core.autocal.AutoCalibration` freezes a calibrated one
-        (never at step 0; at a step after a healthy estimate; only at a minimum)."""
+        """The config of this step. With ``config="auto"``: the provisional config until a
+        calibration is frozen (see :class:`~slt_callbacks.core.autocal.AutoCalibration`)."""
         if self.active_config is not None:
             return self.active_config
-        assert self._loss_fn is not None and self._sink is not None
-        policy = self._auto_policy()
-        last = None if self.last_result is None else self.last_result.status
-        outcome = None
-        if policy.should_calibrate(step, last):
-            options = {"on_failure": "ignore", **self.calibration}
-            options.setdefault("seed", derive_seed(self.seed, step, 0, "calibrate"))
-            # Through `attempt` and the gather: a failure on one rank fails the step on all.
-            attempted = attempt(calibrate, pl_module, self._loss_fn, self._batches, **options,
-                                rank=trainer.global_rank)  # fmt: skip
-            raise_if_any_failed(
-                gather(attempted, trainer) if trainer.world_size > 1 else [attempted]
-            )
-            assert isinstance(attempted, Calibration)
-            outcome = attempted
-            rank_zero_info(f"LLCMonitor calibration at step {step}:\n{outcome.to_markdown()}")
-            self.last_calibration = outcome
-            self._show_calibration(trainer, outcome, step)
-        decision = policy.decide(outcome, step)
-        # Every rank must sample with the same config; rank zero's choice wins.
-        chosen = gather(decision.config, trainer)[0]
-        self._check_chain_split(chosen, trainer.world_size)
-        if decision.frozen:
+        assert self._auto is not None and self._loss_fn is not None and self._sink is not None
+        last = None if self.last_result is None else self.last_result.status.value
+        chosen, frozen = self._auto.config_for(
+            trainer, pl_module, loss_fn=self._loss_fn, batches=self._batches, seed=self.seed,
+            step=step, last_status=last, sink=self._sink, key=self._key, owner=self._name,
+        )
+        check_chain_split(chosen, trainer.world_size, self._name)
+        self.last_calibration = self._auto.last
+        if frozen:
             self.active_config = chosen
-        if decision.status != self._auto_status or outcome is not None:
-            if decision.status != "calibrated":
-                rank_zero_warn(f"LLCMonitor (config='auto'): {decision.reason}")
-            self._sink.update_config({
-                self._key("sgld"): chosen.to_dict(),
-                self._key("calibration/status"): decision.status,
-                self._key("calibration/step"): step,
-                self._key("calibration/verified"): outcome is not None and outcome.verified,
-                self._key("calibration/reason"): decision.reason,
-            })
-        self._auto_status = decision.status
         return chosen
 
-    def _show_calibration(self, trainer: pl.Trainer, outcome: Calibration, step: int) -> None:
-        """The sweep behind the chosen step size: a W&B table and image with a WandbLogger,
-        else a PNG next to the logs (the picture needs the optional matplotlib)."""
-        assert self._sink is not None
-        rows = [point.to_dict() for point in outcome.table]
-        columns = list(rows[0]) if rows else []
-        self._sink.log_table(self._key("calibration/table"), columns,
-                             [[_cell(r[c]) for c in columns] for r in rows], step)
-        if not trainer.is_global_zero:
-            return
-        try:
-            figure = plot_calibration(outcome)
-        except ImportError as missing:
-            rank_zero_info(f"LLCMonitor: no calibration plot ({missing}).")
-            return
-        if self._sink.has_wandb:
-            self._sink.log_image(self._key("calibration/plot"), figure, step)
-        else:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{self.prefix.strip('/').replace('/', '_')}_calibration.png"
-            figure.savefig(path, dpi=120)
-            rank_zero_info(f"LLCMonitor: calibration plot written to {path}")
-
-    def _report_health(self, step: int) -> None:
-        assert self.last_result is not None and self._sink is not None
-        parts = [("", self.last_result)]
-        parts += [(f"component {n!r}: ", r) for n, r in self.last_result.components.items()]
-        parts += [(f"dataset {n!r}: ", r) for n, r in self.last_dataset_results.items()]
-        unhealthy = [(tag, r) for tag, r in parts if not r.healthy]
-        if not unhealthy:
-            return
-        lines = [f"{tag}{r.status.value}: {' '.join(r.reasons)}" for tag, r in unhealthy]
-        text = f"LLCMonitor at step {step}: " + "\n".join(lines)
-        rank_zero_warn(text)
-        if any(r.status in _ALARMING for _, r in unhealthy):
-            self._sink.alert(f"{self._key('llc')}: chains diverged", text)
-
-    def _check_chain_split(self, config: SGLDConfig, world_size: int) -> None:
-        if config.num_chains < world_size:
-            raise MisconfigurationException(
-                f"LLCMonitor: SGLDConfig.num_chains={config.num_chains} cannot be split across "
-                f"{world_size} processes (each runs at least one chain). Use num_chains >= "
-                f"{world_size}, ideally a multiple of it."
-            )
-
-    def _update_loss_ema(self, outputs: Any) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            return
-        # Kept on the device as a tensor: no host sync per training step.
-        loss = loss.detach().float().reshape(())
-        if self._loss_ema is None:
-            self._loss_ema = loss
-            return
-        previous = torch.as_tensor(self._loss_ema, dtype=loss.dtype, device=loss.device)
-        self._loss_ema = torch.lerp(previous, loss, 1.0 - LOSS_EMA_DECAY)
-
     def _loss_value(self) -> float | None:
-        if self._loss_ema is None:
-            return None
-        value = float(self._loss_ema)
-        return value if math.isfinite(value) else None
-
-    def _save_snapshot(self, pl_module: pl.LightningModule, step: int, config: SGLDConfig) -> None:
-        assert self.snapshot_dir is not None
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
-        _atomic_save(
-            {
-                "step": step,
-                "state_dict": weights,
-                "config": config.to_dict(),
-                # The seed of rank zero's global estimate: with one process,
-                # estimate_llc(..., config=config, seed=seed) on data.pt reproduces slt/llc.
-                "seed": derive_seed(self.seed, step, 0, "llc"),
-            },
-            self.snapshot_dir / f"step_{step:08d}.pt",
-        )
-
-    def _save_data(self) -> None:
-        assert self.snapshot_dir is not None
-        _atomic_save(move_data_to_device(self._batches, "cpu"), self.snapshot_dir / "data.pt")
-        for name, batches in self._dataset_batches.items():
-            _atomic_save(
-                move_data_to_device(batches, "cpu"), self.snapshot_dir / f"data-{name}.pt"
-            )
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name in the same directory, then :func:`os.replace`.
-
-    A run killed mid-write (preemption, out of disk) then leaves either the previous file or
-    the complete new one under ``path``, never a truncated file that does not load; the
-    rename is atomic because both names are on one filesystem.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _batch_len(batch: Any) -> int:
-    """Samples in a batch: the leading dimension of its first batched tensor."""
-    leaves = [x for x in torch.utils._pytree.tree_leaves(batch)
-              if isinstance(x, torch.Tensor) and x.dim()]  # fmt: skip
-    return int(leaves[0].shape[0]) if leaves else 1
-
-
-def _summary(result: LLCResult) -> tuple[float, float, str]:
-    return (result.llc_mean, result.llc_std, result.status.value)
-
-
-def _to_cpu(result: LLCResult) -> LLCResult:
-    """The result with every tensor on the CPU, so that it pickles across ranks whatever the
-    device of the chains."""
-    summary = result.summary
-    summary = replace(summary, **{f.name: getattr(summary, f.name).cpu() for f in fields(summary)})
-    tensors = {
-        f.name: value.cpu()
-        for f in fields(result)
-        if isinstance(value := getattr(result, f.name), torch.Tensor)
-    }
-    components = {name: _to_cpu(part) for name, part in result.components.items()}
-    return replace(result, **tensors, summary=summary, components=components)
-
-
-def _check_config(config: Any, calibration: Any) -> None:
-    if config is not None and config != "auto" and not isinstance(config, SGLDConfig):
-        raise ValueError(
-            "Expected argument `config` to be an SGLDConfig, 'auto' or None but got "
-            f"{config!r}."
-        )
-    if calibration is not None:
-        if not isinstance(calibration, Mapping):
-            raise ValueError(
-                "Expected argument `calibration` to be a mapping of keyword arguments for "
-                f"`calibrate` but got {type(calibration).__name__}."
-            )
-        if config != "auto":
-            raise ValueError(
-                "Argument `calibration` only applies with config='auto' but config is "
-                f"{config!r}."
-            )
-
-
-def _check_mapping(argument: str, value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, Mapping):
-        raise ValueError(
-            f"Expected argument `{argument}` to be a mapping from name to "
-            f"{'selector' if argument == 'components' else 'batches'} but got "
-            f"{type(value).__name__}."
-        )
-    for name in value:
-        # Dataset names also name snapshot files, hence no '/' there.
-        slash_ok = argument == "components"
-        if not isinstance(name, str) or not name or (not slash_ok and "/" in name):
-            rule = "non-empty strings" if slash_ok else "non-empty strings without '/'"
-            raise ValueError(
-                f"Expected the keys of `{argument}` to be {rule} (they become metric names) "
-                f"but got {name!r}."
-            )
-
-
-def _cell(value: Any) -> Any:
-    """A table cell W&B can show: containers (per-chain lists, reasons) as text."""
-    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+        return self._loss.value()

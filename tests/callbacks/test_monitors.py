@@ -24,8 +24,9 @@ from slt_callbacks.callbacks import (
     TrainingStepLoss,
     WeightNormMonitor,
 )
-from slt_callbacks.callbacks import llc as llc_module
+from slt_callbacks.callbacks import _calibration as calibration_module
 from slt_callbacks.callbacks._base import check_strategy, derive_seed, draw_training_batches
+from slt_callbacks.callbacks._distributed import check_chain_split
 from slt_callbacks.core.curvature import fisher_trace, hessian_trace
 from slt_callbacks.records import LLCRecord
 from slt_callbacks.schedule import Schedule
@@ -370,7 +371,7 @@ def test_sharded_strategies_are_refused_with_a_reason():
         check_strategy(trainer, "LLCMonitor")
     check_strategy(SimpleNamespace(strategy=DDPStrategy(), world_size=2), "LLCMonitor")
     with pytest.raises(MisconfigurationException, match=r"num_chains=2 cannot be split across 4"):
-        LLCMonitor(config=FAST)._check_chain_split(FAST, 4)
+        check_chain_split(FAST, 4, "LLCMonitor")
 
 
 @pytest.mark.parametrize(
@@ -524,7 +525,7 @@ def test_snapshots_let_a_user_recompute_the_estimate(tmp_path):
     trainer = make_trainer(tmp_path, [monitor], max_steps=3)
     fit_quietly(trainer, TinyRegressor(), loader())
     assert sorted(p.name for p in snapshots.iterdir()) == [
-        "data-small.pt", "data.pt", "step_00000000.pt", "step_00000003.pt",
+        "data-small.pt", "data.pt", "run.pt", "step_00000000.pt", "step_00000003.pt",
     ]  # fmt: skip
     snapshot = torch.load(snapshots / "step_00000003.pt", weights_only=True)
     data = torch.load(snapshots / "data.pt", weights_only=True)
@@ -541,13 +542,13 @@ def test_config_auto_shows_its_sweep_and_survives_a_checkpoint(tmp_path, monkeyp
     minimum) is tested in tests/callbacks/test_autocal.py; here: the sweep is kept and drawn
     and the monitor's choice survives a checkpoint."""
     calls = []
-    real = llc_module.calibrate
+    real = calibration_module.calibrate
 
     def counting(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(llc_module, "calibrate", counting)
+    monkeypatch.setattr(calibration_module, "calibrate", counting)
     options = {"base": FAST, "step_sizes": [1e-5, 1e-4], "num_draws": 10,
                "num_burnin_steps": 5, "num_chains": 2, "num_power_iterations": 0}  # fmt: skip
     monitor = LLCMonitor(config="auto", schedule=[1, 2, 3], calibration=options)
@@ -821,7 +822,8 @@ def test_snapshots_are_written_atomically(tmp_path, monkeypatch):
         fit_quietly(trainer, TinyRegressor(), loader())
     assert trainer.global_step == 5
     names = sorted(p.name for p in snapshots.iterdir())
-    assert names == ["data.pt", "step_00000000.pt", "step_00000005.pt"]  # nothing half-written
+    # nothing half-written
+    assert names == ["data.pt", "run.pt", "step_00000000.pt", "step_00000005.pt"]
     for name in names:
         torch.load(snapshots / name, weights_only=True)
     assert [(f["step"], f["kind"]) for f in monitor.failures] == [(3, "io_error")]
