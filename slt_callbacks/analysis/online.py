@@ -68,6 +68,8 @@ _STATE_VERSION = 2
 # Noise-free data (a test, or estimates far more precise than any change): every variance is
 # floored here so that the weights stay finite; the practical minimums then decide.
 _VARIANCE_FLOOR = 1e-12
+# The most a change's model may leave unexplained after the change point (RMS, in noise stds).
+_MAX_MISFIT = 3.0
 
 
 class Regime(str, Enum):
@@ -134,11 +136,11 @@ class DetectorConfig:
     """
 
     scale: float = 1.0
-    sensitivity: float = 4.0
+    sensitivity: float = 4.5
     flat_threshold: float = 1.0
     persistence: int = 3
     cooldown: int = 4
-    window: int = 12
+    window: int = 20
     min_jump: float = 0.1
     min_relative_slope: float = 0.1
     flat_loss_tolerance: float = 0.1
@@ -238,6 +240,7 @@ def test_change(
     config: DetectorConfig,
     dof: float = math.inf,
     level: float = 1.0,
+    misfit: float = 0.0,
 ) -> tuple[bool, str]:
     """Is a candidate change real? The decision behind every event.
 
@@ -252,6 +255,10 @@ def test_change(
         dof: degrees of freedom of the noise estimate.
         level: a kink's practical minimum is ``min_relative_slope × |level|`` (kinks are
             tested on λ̂ itself; jumps on the signed-log scale, where the level is 1).
+        misfit: root mean square of the changed model's standardized residuals from the
+            change point on. A t statistic measures the coefficient against the noise, not
+            the fit: a kink fitted to a jump has a huge t and residuals far beyond the
+            noise. The shape must explain the points (RMS at most 3 noise stds).
 
     Returns:
         ``(real, reason)``: real when the coefficient is of practical size, exceeds the
@@ -262,6 +269,11 @@ def test_change(
     unit = "" if shape == "jump" else "/decade"
     if not abs(coefficient) >= minimum:
         return False, f"the {shape} {coefficient:+.3g}{unit} is below the minimum {minimum:g}"
+    if misfit > _MAX_MISFIT:
+        return False, (
+            f"a {shape} does not explain the points after it (residuals {misfit:.1f} noise "
+            f"stds RMS, above {_MAX_MISFIT:g})"
+        )
     t = abs(coefficient) / stderr if stderr > 0 else math.inf
     threshold = trend_threshold(config.sensitivity, dof)
     if t < threshold:
@@ -348,6 +360,7 @@ class _Change:
     level: float  # signed-log value of the old line at the change point
     slope: float  # old slope per decade
     deviations: np.ndarray
+    misfit: float  # RMS of the fitted model's standardized residuals from the change point on
 
 
 def _fits(
@@ -382,6 +395,7 @@ def _fits(
             # A kink's deviations grow from 0 at the change point: only the latest must agree.
             post = slice(k - lo, None) if shape == "jump" else slice(-persistence, None)
             coefficient = float(beta[2])
+            residual = ((ys - design @ beta) / sigma[lo:])[k - lo :]
             out.append(
                 _Change(
                     shape=shape,
@@ -393,6 +407,7 @@ def _fits(
                     level=float(beta[0]),
                     slope=float(beta[1]),
                     deviations=((ys - old) / sigma[lo:])[post],
+                    misfit=float(np.sqrt(np.mean(residual**2))),
                 )
             )
     return out
@@ -700,7 +715,7 @@ class StageDetector:
             level = 1.0 if change.shape == "jump" else change.level
             real, _ = test_change(
                 change.coefficient, change.stderr, change.deviations,
-                shape=change.shape, config=cfg, dof=dof, level=level,
+                shape=change.shape, config=cfg, dof=dof, level=level, misfit=change.misfit,
             )
             if not real:
                 continue
