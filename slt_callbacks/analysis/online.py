@@ -375,6 +375,8 @@ class _Change:
 # A jump may take up to this many checkpoints: real transitions are ramps of 2-4 estimates
 # (the model takes a while to leave a saddle), which a step cannot fit.
 _RAMP_WIDTHS = (0, 1, 2, 3)
+# A stage with at least this many checkpoints before a candidate jump may curve.
+_CURVED_STAGE = 8
 
 
 def _fits(
@@ -411,19 +413,25 @@ def _fits(
                     column = np.clip((index - k + 1) / (width + 1), 0.0, 1.0)
                 else:
                     column = np.maximum(xs, 0.0)
-                design = np.stack([np.ones_like(xs), xs, column], axis=1)  # (point, 3)
+                # A jump is tested against a stage that may curve (a quadratic in log-step):
+                # a trend that is straight in λ̂ bends on the log scale, and a jump must be
+                # sudden, not the bend.
+                # A curvature needs a stage of some length to be told from the jump itself.
+                curved = shape == "jump" and k - lo >= _CURVED_STAGE
+                columns = [np.ones_like(xs), xs] + ([xs * xs] if curved else [])
+                design = np.stack([*columns, column], axis=1)  # (point, parameter)
                 gram = design.T @ (design * weight[:, None])
                 try:
                     cov = np.linalg.inv(gram)
                 except np.linalg.LinAlgError:
                     continue
                 beta = cov @ (design.T @ (weight * ys))
-                stderr = math.sqrt(max(float(cov[2, 2]), 0.0))
-                old = beta[0] + beta[1] * xs
+                stderr = math.sqrt(max(float(cov[-1, -1]), 0.0))
+                old = design[:, :-1] @ beta[:-1]
                 residual = (ys - design @ beta) / sigma
                 # A kink's deviations grow from 0: only the latest must agree.
                 post = slice(end - lo, None) if shape == "jump" else slice(-persistence, None)
-                coefficient = float(beta[2])
+                coefficient = float(beta[-1])
                 out.append(
                     _Change(
                         shape=shape,

@@ -77,13 +77,13 @@ SCENARIOS: dict[str, Scenario] = {
         "saddles at -5800, -600, -30, then a minimum at 12; a loss drop at each jump",
         drift=0.1,
     ),
-    # Four stages 8-10 checkpoints apart (0.45 decade).
+    # Four stages 8-10 checkpoints apart (0.45 decade), each about doubling λ̂.
     "close_stages": _steps(
         [1.8, 2.25, 2.7, 3.15],
-        [5, 12, 25, 45, 70],
+        [5, 12, 25, 50, 100],
         [2.0, 1.2, 0.7, 0.4, 0.25],
         ["acquire"] * 4,
-        "λ̂ steps 5 -> 12 -> 25 -> 45 -> 70, 9 checkpoints apart, with loss drops",
+        "λ̂ steps 5 -> 12 -> 25 -> 50 -> 100, 9 checkpoints apart, with loss drops",
     ),
     "drop": _steps([3.0], [40, 20], [0.3, 0.3], ["simplify"],
                    "λ̂ falls 40 -> 20 at 1e3 while the loss stays flat"),
