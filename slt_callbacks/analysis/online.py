@@ -60,7 +60,7 @@ __all__ = [
     "classify_loss_trend",
     "classify_trend",
     "log_step",
-    "test_change",
+    "judge_change",
     "trend_threshold",
 ]
 
@@ -237,7 +237,7 @@ def classify_trend(
     return Regime.UNCERTAIN, f"slope {slope:+.3g}/decade (t = {t:+.1f}) is neither flat nor a trend"
 
 
-def test_change(
+def judge_change(
     coefficient: float,
     stderr: float,
     deviations: np.ndarray,
@@ -743,14 +743,14 @@ class StageDetector:
         x, curves, dof = self._arrays()
         stage = {shape: (y[start:], var[start:]) for shape, (y, var) in curves.items()}
         # The change is the best explanation (least squares) of the points since the stage
-        # began, among those that pass :func:`test_change`; it is announced once it has
+        # began, among those that pass :func:`judge_change`; it is announced once it has
         # persisted. A real jump that has not persisted yet also holds back a kink before
         # it: its first points, far off the line, would otherwise end that kink.
         best: _Change | None = None
         pending = -1
         for change in _fits(x[start:], stage, first - start, cfg.window, cfg.persistence):
             level = 1.0 if change.shape == "jump" else change.level
-            real, _ = test_change(
+            real, _ = judge_change(
                 change.coefficient, change.stderr, change.deviations,
                 shape=change.shape, config=cfg, dof=dof, level=level, misfit=change.misfit,
             )
