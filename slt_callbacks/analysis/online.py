@@ -59,8 +59,8 @@ __all__ = [
     "classify_loss_change",
     "classify_loss_trend",
     "classify_trend",
-    "log_step",
     "judge_change",
+    "log_step",
     "trend_threshold",
 ]
 

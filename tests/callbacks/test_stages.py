@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,8 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from slt_callbacks import SGLDConfig
-from slt_callbacks.callbacks import HessianTraceMonitor, LLCMonitor, WeightNormMonitor
 from slt_callbacks.analysis.noise import standard_error
+from slt_callbacks.callbacks import HessianTraceMonitor, LLCMonitor, WeightNormMonitor
 from slt_callbacks.callbacks.stages import BOUNDARY_COLUMNS, EVENT_COLUMNS, StageTransitionMonitor
 from slt_callbacks.detect import DetectorConfig, StageDetector, StageKind
 from slt_callbacks.records import LLCRecord
