@@ -66,13 +66,11 @@ class StageTransitionMonitor(Callback):
         on_event: called with each :class:`~slt_callbacks.StageEvent` on every process.
         alert_level: ``"INFO"``, ``"WARN"``, ``"ERROR"``, or None for no alerts.
         alert_wait_s: minimum seconds between two alerts of one scope.
-        retrospective, relations: run these analyses at the end of training.
-        relation_sensitivity: standard errors a change must exceed to count as a move.
+        retrospective, relations: run these analyses at the end of training;
+            relation_sensitivity: standard errors a change must exceed to count as a move.
         chart_every: also log the per-component chart every this many estimates.
-        reorder_window: records that may wait to be put in step order (background
-            estimation with ``k`` workers: ``k − 1``).
-        prefix: start of every key; also makes :attr:`state_key` unique.
-        verbose: print events and the end-of-training report on rank zero.
+        reorder_window: records that may wait to be put in step order (``k`` workers: k − 1).
+        prefix: start of every key (and of :attr:`state_key`); verbose: print on rank zero.
     """
 
     def __init__(
@@ -86,19 +84,8 @@ class StageTransitionMonitor(Callback):
         self.tracker = StageTracker(config, components=components, num_chains=num_chains,
                                     reorder_window=reorder_window)
         self.config, self.components = self.tracker.config, self.tracker.components
-        if on_event is not None and not callable(on_event):
-            raise ValueError(f"Expected argument `on_event` to be None or a callable but got "
-                             f"{type(on_event).__name__}.")
-        if alert_level not in (None, "INFO", "WARN", "ERROR"):
-            raise ValueError(f"Expected argument `alert_level` to be one of ('INFO', 'WARN', "
-                             f"'ERROR') or None but got {alert_level!r}.")
-        for name, flag in (("retrospective", retrospective), ("relations", relations),
-                           ("verbose", verbose)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"Expected argument `{name}` to be a bool but got {flag!r}.")
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"Expected argument `prefix` to be a non-empty string but got "
-                             f"{prefix!r}.")
+        _check_arguments(on_event, alert_level, prefix, retrospective=retrospective,
+                         relations=relations, verbose=verbose)
         self.on_event, self.alert_level, self.verbose = on_event, alert_level, verbose
         self.alert_wait_s = check_number("alert_wait_s", alert_wait_s, strict=True)
         self.retrospective, self.relations, self.prefix = retrospective, relations, prefix
@@ -106,8 +93,7 @@ class StageTransitionMonitor(Callback):
         self.chart_every = check_optional_int("chart_every", chart_every)
         self._sink: MetricSink | None = None
         self._logged = 0  # events in the current sink's table
-        self.summary: dict[str, Any] = {}
-        self.boundaries, self.comparisons, self.relations_found = {}, {}, {}
+        self.summary, self.boundaries, self.comparisons, self.relations_found = {}, {}, {}, {}
 
     events = property(lambda self: self.tracker.events, doc="Every event so far, in order.")
     stages = property(lambda self: self.tracker.stages, doc="Current stage of every series.")
@@ -115,9 +101,7 @@ class StageTransitionMonitor(Callback):
     num_rejected = property(lambda self: self.tracker.num_rejected, doc="Diverged, per series.")
     stage = property(lambda self: self.tracker.stages.get(None, 0), doc="Global λ̂'s stage.")
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix)
+    state_key = property(lambda self: self._generate_state_key(prefix=self.prefix))
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "tracker": self.tracker.state_dict()}
@@ -174,8 +158,7 @@ class StageTransitionMonitor(Callback):
         self.summary = {f"{self.prefix}{key}": value for key, value in summary.items()}
         return self.summary
 
-    def report(self) -> str:
-        """The events, the retrospective comparison and the relations, as text."""
+    def report(self) -> str:  # the events, the retrospective comparison and the relations
         return self.tracker.report(self.comparisons, self.boundaries, self.relations_found)
 
     def _publish(
@@ -209,6 +192,21 @@ class StageTransitionMonitor(Callback):
             self._sink = MetricSink.from_trainer(trainer)
             self._sink.define_metrics(self.prefix)
         return self._sink
+
+
+def _check_arguments(on_event: Any, alert_level: Any, prefix: Any, **flags: Any) -> None:
+    if on_event is not None and not callable(on_event):
+        raise ValueError(f"Expected argument `on_event` to be None or a callable but got "
+                         f"{type(on_event).__name__}.")
+    if alert_level not in (None, "INFO", "WARN", "ERROR"):
+        raise ValueError(f"Expected argument `alert_level` to be one of ('INFO', 'WARN', "
+                         f"'ERROR') or None but got {alert_level!r}.")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"Expected argument `{name}` to be a bool but got {flag!r}.")
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"Expected argument `prefix` to be a non-empty string but got "
+                         f"{prefix!r}.")
 
 
 def _related(trainer: pl.Trainer, prefix: str, names: Mapping[str | None, int]):
