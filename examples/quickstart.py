@@ -7,7 +7,7 @@ Four callbacks, one line in the Trainer, no change to the model::
 
 The network is the textbook case of stagewise development: a deep linear network (6-5-6,
 60 weights) trained by SGD from a tiny initialisation on a teacher with singular values
-10, 2 and 0.4 (:class:`slt_callbacks.reference.SaddleProblem`). It learns one teacher mode
+10, 3 and 1 (:class:`slt_callbacks.reference.SaddleProblem`). It learns one teacher mode
 at a time: the loss drops three times, and between the drops the weights sit near a saddle of
 the loss, where λ̂ reads large and negative (status ``not_a_minimum``: not a complexity, but
 its jump when a mode is learned *is* the stage transition). After the last drop the network

@@ -319,14 +319,15 @@ def _draw_llc(ax: Any, points: Sequence[tuple[Any, ...]], true_lambda: float | N
     if healthy:
         ax.errorbar([p[0] for p in healthy], [p[1] for p in healthy],
                     yerr=[_finite_or_zero(p[2]) for p in healthy], fmt="o", markersize=4,
-                    capsize=2, color="tab:blue", label="λ̂, healthy (a complexity)")  # fmt: skip
+                    capsize=2, color="tab:blue", gid="llc-healthy",
+                    label="λ̂, healthy (a complexity)")  # fmt: skip
     if saddle:
         ax.plot([p[0] for p in saddle], [p[1] for p in saddle], "o", markersize=5,
                 markerfacecolor="none", markeredgecolor="tab:blue", linestyle="none",
-                label="λ̂ at a saddle (not_a_minimum: not a complexity)")  # fmt: skip
+                gid="llc-saddle", label="λ̂ at a saddle (not_a_minimum: not a complexity)")  # fmt: skip
     if other:
         ax.plot([p[0] for p in other], [p[1] for p in other], "x", color=_UNHEALTHY,
-                linestyle="none", label="λ̂, other unhealthy status")  # fmt: skip
+                linestyle="none", gid="llc-unhealthy", label="λ̂, other unhealthy status")  # fmt: skip
     if true_lambda is not None:
         ax.axhline(true_lambda, color="black", linestyle="--", linewidth=1,
                    label=f"true λ at the final minimum = {true_lambda:g}")  # fmt: skip
@@ -345,7 +346,7 @@ def _draw_events(axes: Sequence[Any], events: Iterable[Any]) -> None:
         kind = str(getattr(get("kind"), "value", get("kind")))
         colour = _KIND_COLOURS.get(kind, "tab:gray")
         for ax in axes:
-            ax.axvline(step, color=colour, linewidth=1.5, alpha=0.8)
+            ax.axvline(step, color=colour, linewidth=1.5, alpha=0.8, gid=f"event-{kind}")
         axes[0].annotate(kind, (step, 1.0), xycoords=("data", "axes fraction"),
                          xytext=(2, -2), textcoords="offset points", va="top", ha="left",
                          fontsize="small", color=colour, rotation=90)  # fmt: skip

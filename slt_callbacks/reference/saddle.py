@@ -16,13 +16,20 @@ reduced-rank-regression value of Aoyagi & Watanabe (2005) for depth 2
 
 For a two-layer network with balanced small weights each mode's strength ``u`` follows
 ``du/dt = 2u(s − u)`` (in units of ``1/lr`` steps), so mode ``i`` is half-learned after about
-``ln(s_i / u_0) / (2 s_i lr)`` steps, ``u_0`` its strength at initialisation. Teachers whose
-singular values differ by a factor ≈ 5 put the drops about 0.65 decade apart in step.
+``ln(s_i / u_0) / (2 s_i lr)`` steps, ``u_0`` its strength at initialisation: the drops are
+about ``log10(s_i / s_{i+1})`` decades apart (a little less). The default teacher, singular
+values 10, 3 and 1, puts them at steps ≈ 40, 110 and 260 (0.4–0.45 decade apart).
+
+Why not a wider spread: an LLC estimate sees a saddle only if the chains can escape it, i.e.
+if the unlearned mode's negative curvature ``nβ·s_r`` beats the localization ``γ`` (with the
+default ``γ = 100`` and the quickstart's ``nβ ≈ 148``: ``s_r ≳ 0.7``), while the step size
+must stay below ``≈ 0.1 / (nβ · 2 s_1)`` (the top curvature at the minimum is ``2 s_1``). With
+the default ``ε = 1e-4`` that bounds ``s_1 / s_r`` to about 10.
 
 Everything here is torch only and seeded by explicit generators, so tests, the quickstart
 example and the stage-detector benchmark share one definition of the problem::
 
-    problem = SaddleProblem()                        # 6-5-6, singular values 10, 2, 0.4
+    problem = SaddleProblem()                        # 6-5-6, singular values 10, 3, 1
     model = problem.model()                          # float32 DeepLinearNet, tiny init
     x, y = problem.data()
     ...train with SGD(lr=problem.lr), record (step, loss)...
@@ -117,7 +124,7 @@ class SaddleProblem:
     Attributes:
         widths: the student's widths ``(input, hidden..., output)``.
         singular_values: the teacher's nonzero singular values, largest first, well separated
-            (a factor ≈ 5 between neighbours gives drops ≈ 0.65 decade apart at ``lr``).
+            (a factor ≈ 3 between neighbours puts the drops ≈ 0.4 decade apart).
         init_scale: standard deviation of the student's initial weights.
         lr: SGD learning rate.
         num_samples: size of the (noise-free) training set.
@@ -126,7 +133,7 @@ class SaddleProblem:
     """
 
     widths: tuple[int, ...] = (6, 5, 6)
-    singular_values: tuple[float, ...] = (10.0, 2.0, 0.4)
+    singular_values: tuple[float, ...] = (10.0, 3.0, 1.0)
     init_scale: float = 1e-3
     lr: float = 0.02
     num_samples: int = 1024
