@@ -21,7 +21,7 @@ writes ``runs/quickstart/quickstart.png``: loss, λ̂, weight norm and Hessian t
 log(step) with the stages marked (:func:`slt_callbacks.plots.plot_run`, which works on any
 run's ``metrics.csv``).
 
-    python examples/quickstart.py [--steps 4000] [--wandb] [--seed 0]
+    python examples/quickstart.py [--steps 2000] [--wandb] [--seed 0] [--config auto]
 """
 
 from __future__ import annotations
@@ -183,13 +183,15 @@ def _fmt(value: float) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4000, help="training steps")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of teacher, data and student")
     parser.add_argument("--out", default="runs/quickstart", help="where the logs go")
     parser.add_argument("--wandb", action="store_true", help="log to W&B (offline mode)")
     parser.add_argument("--singular-values", default=None,
                         help="the teacher's singular values, comma-separated (default: the "
                              "SaddleProblem's)")
+    parser.add_argument("--config", choices=("default", "auto"), default="default",
+                        help="SGLD hyperparameters: SGLDConfig() or calibrated (config='auto')")
     parser.add_argument("--per-decade", type=int, default=16, help="estimates per decade")
     parser.add_argument("--json", help="also write the λ̂ curve and the loss drops there")
     args = parser.parse_args(argv)
@@ -200,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         values = tuple(float(v) for v in args.singular_values.split(","))
         problem = dataclasses.replace(problem, singular_values=values)
     result = run(problem, steps=args.steps, out=args.out, wandb=args.wandb,
-                 per_decade=args.per_decade)
+                 per_decade=args.per_decade, config="auto" if args.config == "auto" else None)
     llc, trainer = result["llc"], result["trainer"]
     print(summary(problem, result))
     print(f"\nnβ = {llc.n_beta:.1f}, {llc.active_config.num_chains} chains × "
@@ -215,10 +217,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         csv = Path(trainer.logger.log_dir) / "metrics.csv"
         print(f"CSV logs: {csv}")
         rows = read_metrics_csv(csv)
+    widths = "-".join(map(str, problem.widths))
+    values = ", ".join(f"{s:g}" for s in problem.singular_values)
     plot_run(rows, result["stages"].events, png,
-             title=f"Saddle-to-saddle: deep linear network {'-'.join(map(str, problem.widths))}, "
-                   f"teacher singular values {', '.join(f'{s:g}' for s in problem.singular_values)}",
-             true_lambda=problem.true_lambda)  # fmt: skip
+             title=f"Saddle-to-saddle: deep linear network {widths}, teacher singular values "
+                   f"{values}; dotted: loss drops; solid: stage events",
+             true_lambda=problem.true_lambda,
+             reference_steps=[d for d in result["drop_steps"] if d is not None])  # fmt: skip
     print(f"Plot: {png}")
     if args.json:
         Path(args.json).write_text(json.dumps(curves(problem, result), indent=1))

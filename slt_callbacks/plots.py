@@ -185,6 +185,8 @@ def plot_run(
     loss_key: str = "train_loss",
     title: str | None = None,
     true_lambda: float | None = None,
+    reference_steps: Sequence[float] = (),
+    reference_label: str = "loss drop",
 ) -> Figure:
     """Loss, λ̂, weight norm and Hessian trace of one run against log(step), stages marked.
 
@@ -213,6 +215,9 @@ def plot_run(
         title: a title for the figure.
         true_lambda: a known learning coefficient at the end of the run (a reference problem),
             drawn as a dashed line in the λ̂ panel.
+        reference_steps: steps known independently (e.g. where the loss drops), drawn as
+            dotted black lines through every panel, to compare the events with.
+        reference_label: their name in the legend of the first panel.
 
     Returns:
         A :class:`matplotlib.figure.Figure`.
@@ -256,6 +261,13 @@ def plot_run(
     for ax in axes:
         ax.set_xscale("log")
         ax.grid(True, which="major", alpha=0.3)
+    for i, step in enumerate(reference_steps):
+        for ax in axes:
+            ax.axvline(float(step), color="black", linestyle=":", linewidth=1.2,
+                       gid="reference", label=reference_label if (i == 0 and ax is axes[0])
+                       else None)  # fmt: skip
+    if reference_steps:
+        axes[0].legend(fontsize="x-small", loc="lower left")
     _draw_events(axes, events)
     axes[-1].set_xlabel("training step (log scale)")
     if title:
@@ -324,17 +336,19 @@ def _draw_llc(ax: Any, points: Sequence[tuple[Any, ...]], true_lambda: float | N
     if saddle:
         ax.plot([p[0] for p in saddle], [p[1] for p in saddle], "o", markersize=5,
                 markerfacecolor="none", markeredgecolor="tab:blue", linestyle="none",
-                gid="llc-saddle", label="λ̂ at a saddle (not_a_minimum: not a complexity)")  # fmt: skip
+                gid="llc-saddle",
+                label="λ̂ at a saddle (not_a_minimum: not a complexity)")  # fmt: skip
     if other:
         ax.plot([p[0] for p in other], [p[1] for p in other], "x", color=_UNHEALTHY,
-                linestyle="none", gid="llc-unhealthy", label="λ̂, other unhealthy status")  # fmt: skip
+                linestyle="none", gid="llc-unhealthy",
+                label="λ̂, other unhealthy status")  # fmt: skip
     if true_lambda is not None:
         ax.axhline(true_lambda, color="black", linestyle="--", linewidth=1,
                    label=f"true λ at the final minimum = {true_lambda:g}")  # fmt: skip
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_ylabel("λ̂ (symlog)")
-    ax.legend(fontsize="x-small", loc="lower right")
+    ax.legend(fontsize="x-small", loc="upper left")
 
 
 def _draw_events(axes: Sequence[Any], events: Iterable[Any]) -> None:

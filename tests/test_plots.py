@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from slt_callbacks.plots import plot_run, read_metrics_csv  # noqa: E402
+from slt_callbacks.plots import plot_run, read_metrics_csv
 
 
 def _rows() -> list[dict[str, float]]:

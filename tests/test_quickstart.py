@@ -10,6 +10,7 @@ reduced-rank-regression value; and the same final value with a config tuned for 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_sgd_learns_one_mode_at_a_time_where_theory_says() -> None:
     drops = loss_drop_steps(range(len(losses)), losses, problem.plateau_losses)
     assert None not in drops
     # Separated in log(step): each drop at least 2x later than the one before.
-    assert all(b > 2 * a for a, b in zip(drops, drops[1:]))
+    assert all(b > 2 * a for a, b in itertools.pairwise(drops))
     # Balanced small-init theory (ln(s/u0) / (2 s lr)) within 25%: the init is random, not
     # balanced, so u0 is only its typical size.
     for measured, predicted in zip(drops, problem.predicted_drop_steps(), strict=True):

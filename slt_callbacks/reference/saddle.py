@@ -39,6 +39,7 @@ example and the stage-detector benchmark share one definition of the problem::
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ class DeepLinearNet(nn.Module):
         widths = _check_widths(widths)
         check_number("init_scale", init_scale, strict=True)
         self.layers = nn.Sequential(
-            *(nn.Linear(a, b, bias=False, dtype=dtype) for a, b in zip(widths, widths[1:]))
+            *(nn.Linear(a, b, bias=False, dtype=dtype) for a, b in itertools.pairwise(widths))
         )
         with torch.no_grad():
             for layer in self.layers:
@@ -232,13 +233,13 @@ def loss_drop_steps(
             f"Expected `steps` and `losses` of equal length but got {len(steps)} and "
             f"{len(losses)}."
         )
-    if len(plateaus) < 2 or any(a <= b for a, b in zip(plateaus, plateaus[1:])):
+    if len(plateaus) < 2 or any(a <= b for a, b in itertools.pairwise(plateaus)):
         raise ValueError(
             f"Expected at least two strictly decreasing `plateaus` but got {list(plateaus)!r}."
         )
     out: list[int | None] = []
     start = 0
-    for high, low in zip(plateaus, plateaus[1:]):
+    for high, low in itertools.pairwise(plateaus):
         mid = 0.5 * (high + low)
         found = next((i for i in range(start, len(losses)) if losses[i] < mid), None)
         out.append(None if found is None else int(steps[found]))
