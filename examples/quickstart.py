@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -167,12 +168,24 @@ def summary(problem: SaddleProblem, result: dict[str, Any]) -> str:
             f"{_fmt(before[-1]['llc'] if before else math.nan):>10} "
             f"{_fmt(after[0]['llc'] if after else math.nan):>10}"
         )
-    last = history[-1]
+    # λ̂ on each plateau of the loss: away from the drops (a factor 1.3 on either side).
+    bounds = [0, *[d for d in result["drop_steps"] if d is not None], math.inf]
+    lines.append(f"\n{'plateau':>7} {'steps':>13} {'mean λ̂':>9} {'statuses':<28} {'true λ':>6}")
+    for k, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        rows = [r for r in history if lo * 1.3 <= r["step"] <= hi / 1.3]
+        if not rows:
+            continue
+        final = hi == math.inf
+        mean = sum(r["llc"] for r in rows) / len(rows)
+        statuses = ", ".join(sorted({r["status"] for r in rows}))
+        true = f"{problem.true_lambda:g}" if final else "saddle"
+        span = f"{rows[0]['step']}-{rows[-1]['step']}"
+        lines.append(f"{k:>7} {span:>13} {_fmt(mean):>9} {statuses:<28} {true:>6}"
+                     + (f"  ({mean / problem.true_lambda - 1:+.0%})" if final else ""))  # fmt: skip
+    events_text = ", ".join(f"{e.step} {getattr(e.kind, 'value', e.kind)}" for e in events)
     lines.append(
         f"\n{len(events)} stage events for {sum(d is not None for d in result['drop_steps'])} "
-        f"loss drops; final λ̂ = {last['llc']:.2f} ± {last['llc_std']:.2f} ({last['status']}) "
-        f"at step {last['step']}; true λ = {problem.true_lambda:g} "
-        f"({(last['llc'] / problem.true_lambda - 1):+.0%})."
+        f"loss drops{': ' + events_text if events else ''}."
     )
     return "\n".join(lines)
 
