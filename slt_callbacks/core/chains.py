@@ -1,76 +1,35 @@
-"""Run SGLD chains for all components and chains at once on chain-stacked parameters.
+"""Run SGLD chains for all components: the step loop, from w* to loss traces.
 
-Layout. The sampled (trainable) parameters of the model are flattened into one vector of
-length D. Every *slot* — a (component, chain) pair, component 0 being the whole model — holds
-its own copy, stacked into ``theta`` of shape ``(components, chains, D)``. Per-parameter
-views of ``theta`` are handed to :func:`torch.func.functional_call`, so the model's own
-tensors are never written.
+Layout. A *slot* is a (component, chain) pair, component 0 being the whole model. A slot
+carries only its component's coordinates (:class:`~slt_callbacks.core.space.ComponentSpace`):
+the chains of component k are one ``(chains, d_k)`` tensor, and everything a component does
+not sample is w*, shared by all. Memory is the sum of the components' sizes times the number
+of chains, plus one chunk's gradients and activations.
 
-Backends, which compute the same arithmetic and consume the generator identically, so the
-same seed gives the same numbers up to floating-point reassociation:
+Randomness is fixed per slot before anything runs: each slot walks its own reshuffle of the
+pool every epoch (:func:`batch_orders`) and draws its noise from its own generator, seeded
+from the caller's. A slot's numbers are therefore the same whichever backend runs it and
+whichever other slots share its chunk (:mod:`~slt_callbacks.core.budget`).
 
-- ``vmap``: one batched forward over all slots (``torch.func.vmap``), one backward of the
-  summed slot losses — chains are independent, so the gradient of the sum w.r.t. ``theta`` is
-  every slot's own gradient, obtained as one flat ``(slots, D)`` tensor with no copying.
-- ``loop``: one plain forward per slot, then the same single backward. For models vmap
-  cannot trace (in-place updates of buffers, ``.item()`` in ``forward``, ...).
-
-Each step: gather one batch per slot from the pool (each chain has its own shuffled order),
-forward, backward, :class:`~slt_callbacks.core.sgld.SGLDStep`, write the slot losses into a
-preallocated trace. Nothing is read back to the host until the end.
+Each chunk runs all its steps: gather one batch per chain, forward, backward
+(:mod:`~slt_callbacks.core.backends`), :class:`~slt_callbacks.core.sgld.SGLDStep`, write the
+losses into a preallocated trace. Nothing is read back to the host until the end.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from .backends import BACKENDS, VMAP_FAILURES, Backend, SamplingProblem, autocast_context
+from .budget import Chunk, plan_chunks
 from .data import BatchPool
 from .functional import LossModule, check_scalar_loss, loss_at
 from .sgld import SGLDStep
-
-_NO_GRAD = (
-    "The loss returned by `loss_fn` does not depend on any trainable parameter of the model "
-    "(or was detached); is `loss_fn` calling the model it is given?"
-)
-
-# Errors that mean "vmap cannot trace this model", not "the user's input is wrong".
-VMAP_FAILURES = (RuntimeError, NotImplementedError)
-
-
-@dataclass
-class FlatLayout:
-    """Where each sampled parameter lives in the flat vector."""
-
-    names: list[str]
-    shapes: list[torch.Size]
-    offsets: list[int]
-    size: int
-
-    @classmethod
-    def of(cls, tensors: dict[str, torch.Tensor]) -> FlatLayout:
-        names, shapes, offsets, pos = [], [], [], 0
-        for name, t in tensors.items():
-            names.append(name)
-            shapes.append(t.shape)
-            offsets.append(pos)
-            pos += t.numel()
-        return cls(names, shapes, offsets, pos)
-
-    def flatten(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return torch.cat([tensors[n].detach().reshape(-1).to(dtype) for n in self.names])
-
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-parameter views of ``flat`` (``(..., D)``), keeping the leading dims."""
-        lead = flat.shape[:-1]
-        return {
-            n: flat[..., o : o + s.numel()].view(*lead, *s)
-            for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)
-        }
+from .space import ComponentSpace
 
 
 @dataclass
@@ -84,6 +43,7 @@ class ChainTraces:
         orders: ``(components, chains, steps)`` pool index of the batch of each step.
         backend: the backend that ran.
         fallback_reason: why ``auto`` fell back to ``loop``, else None.
+        chunks: the ``(component, first chain, last chain + 1)`` chunks that ran.
     """
 
     loss: torch.Tensor
@@ -92,6 +52,7 @@ class ChainTraces:
     orders: torch.Tensor
     backend: str
     fallback_reason: str | None = None
+    chunks: tuple[Chunk, ...] = ()
 
 
 def batch_orders(
@@ -106,151 +67,105 @@ def batch_orders(
     return keys.argsort(dim=-1).reshape(num_slots, -1)[:, :num_steps]
 
 
+def slot_generators(num_slots: int, generator: torch.Generator) -> list[torch.Generator]:
+    """One noise generator per slot, seeded from ``generator`` (which advances once)."""
+    seeds = torch.randint(0, 2**62, (num_slots,), generator=generator,
+                          device=generator.device).tolist()
+    return [torch.Generator(device=generator.device).manual_seed(s) for s in seeds]
+
+
 def run_chains(
-    wrapper: LossModule,
-    layout: FlatLayout,
-    theta0: torch.Tensor,
-    fixed: dict[str, torch.Tensor],
-    pool: BatchPool,
+    problem: SamplingProblem,
+    spaces: Sequence[ComponentSpace],
     *,
     step: SGLDStep,
     num_chains: int,
     num_steps: int,
-    masks: torch.Tensor | None,
     generator: torch.Generator,
     backend: str = "auto",
-    autocast: torch.dtype | None = None,
+    max_memory: int | str | None = None,
 ) -> ChainTraces:
     """Advance ``num_chains`` chains per component for ``num_steps`` SGLD steps.
 
     Args:
-        wrapper: the user's loss as a module.
-        layout: flat layout of the sampled parameters.
-        theta0: ``(D,)`` w* in the sampling dtype.
-        fixed: frozen parameters and buffers, passed unbatched.
-        pool: the batches.
+        problem: the loss, the shared frozen tensors and the pool.
+        spaces: the components' coordinates, the whole model first.
         step: the SGLD transform.
-        masks: ``(components, D)`` 0/1 masks (row 0 all ones for the whole model), or None
-            when only the whole model is sampled.
-        generator: the only source of randomness (batch orders, noise).
+        generator: the only source of randomness (batch orders, per-slot noise seeds).
         backend: ``"auto"``, ``"vmap"`` or ``"loop"``.
-        autocast: run forward passes under :func:`torch.autocast` with this dtype.
+        max_memory: bytes the chains may use, ``"auto"`` or None (see
+            :func:`~slt_callbacks.core.budget.plan_chunks`).
     """
-    num_components = 1 if masks is None else masks.shape[0]
-    slots = num_components * num_chains
-    dims = (num_components, num_chains, layout.size)
-    theta = theta0.expand(dims).clone()
-    mask3 = None if masks is None else masks.unsqueeze(1)  # (components, 1, D)
-    orders = batch_orders(slots, num_steps, pool.num_batches, generator)
-    noise = torch.empty(dims, dtype=theta0.dtype, device=theta0.device)
-    grad = torch.empty(dims, dtype=theta0.dtype, device=theta0.device)
-    flat_grad = grad.view(slots, layout.size)
-    grad_views = {  # where each leaf's gradient goes, per backend
-        "vmap": list(layout.views(flat_grad).values()),
-        "loop": [v for row in flat_grad for v in layout.views(row).values()],
-    }
-    loss_trace = torch.empty((slots, num_steps), dtype=theta0.dtype, device=theta0.device)
-    drift_trace = torch.empty_like(loss_trace)
-    clipped = torch.zeros((num_components, num_chains), dtype=torch.long, device=theta0.device)
-    needs_grad = (
-        [[True] * len(layout.names)]
-        if masks is None
-        else [
-            [
-                bool(row[o : o + s.numel()].any())
-                for s, o in zip(layout.shapes, layout.offsets, strict=True)
-            ]
-            for row in masks
-        ]
-    )
-
-    def leaves_of(mode: str) -> list[torch.Tensor]:
-        """Fresh autograd leaves sharing theta's storage, so that autograd returns one
-        gradient per leaf and a single cat lays them out flat. (Differentiating w.r.t.
-        theta, or indexing a stacked leaf per slot, would scatter every gradient into a
-        zero-filled (slots, D) tensor.) vmap: one ``(slots, *shape)`` leaf per parameter;
-        loop: one leaf per (slot, parameter), slot-major like the flat layout."""
-        flat = theta.view(slots, layout.size)
-        if mode == "vmap":
-            return [v.detach().requires_grad_(True) for v in layout.views(flat).values()]
-        # Per slot, only the parameters its component samples need a gradient: a component
-        # on the last layer then skips the (costly) first-layer weight gradient.
-        return [
-            v.detach().requires_grad_(needs_grad[s // num_chains][j])
-            for s, f in enumerate(flat)
-            for j, v in enumerate(layout.views(f).values())
-        ]
-
-    def losses_of(mode: str, leaves: list[torch.Tensor], batch: list[Any]) -> torch.Tensor:
-        with autocast_context(theta.device, autocast):
-            if mode == "vmap":
-                losses = torch.func.vmap(
-                    lambda p, b: _slot_loss(wrapper, p, fixed, pool, b),
-                    in_dims=(0, 0),
-                    randomness="different",
-                )(dict(zip(layout.names, leaves, strict=True)), batch)
-            else:
-                n = len(layout.names)
-                losses = torch.stack(
-                    [
-                        _slot_loss(
-                            wrapper,
-                            dict(zip(layout.names, leaves[s * n : (s + 1) * n], strict=True)),
-                            fixed,
-                            pool,
-                            batch[s],
-                        )
-                        for s in range(slots)
-                    ]
-                )
-        return losses.to(theta.dtype)
-
-    orders_list: list[list[int]] = []
-
-    def batches(mode: str, t: int) -> list[Any]:
-        if mode == "vmap":  # one (slots, ...) tensor per leaf
-            return pool.gather(orders[:, t])
-        if not orders_list:  # one host read, up front, then plain views: nothing is copied
-            orders_list.extend(orders.tolist())
-        return [pool.tensor_leaves(orders_list[s][t]) for s in range(slots)]
-
-    def forward_backward(mode: str, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        leaves = leaves_of(mode)
-        losses = losses_of(mode, leaves, batches(mode, t))
-        _grad(losses, leaves, grad_views[mode])
-        return losses, grad
-
-    mode = "vmap" if backend in ("auto", "vmap") else "loop"
-    fallback_reason = None
-    for t in range(num_steps):
-        if t == 0 and backend == "auto":
-            rng = _global_rng_state(theta.device)
-            try:
-                losses, grad = forward_backward(mode, t)
-            except VMAP_FAILURES as err:
-                mode = "loop"
-                fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-                # A loss that draws random numbers (dropout in train mode) must see the same
-                # stream as with backend="loop": rewind what the failed attempt consumed.
-                _set_global_rng_state(theta.device, rng)
-                losses, grad = forward_backward(mode, t)
-        else:
-            losses, grad = forward_backward(mode, t)
-        with torch.no_grad():
-            noise.normal_(generator=generator)
-            drift_sq, was_clipped = step.apply_(theta, theta0, grad, noise, mask3)
-            loss_trace[:, t] = losses.detach()
-            drift_trace[:, t] = drift_sq.reshape(slots)
-            clipped += was_clipped
+    slots = len(spaces) * num_chains
+    orders = batch_orders(slots, num_steps, problem.pool.num_batches, generator)
+    sampler = _Sampler(problem, step, num_steps, backend, orders.tolist(),
+                       slot_generators(slots, generator), spaces[0].theta0.dtype)
+    chunks = plan_chunks(problem, spaces, num_chains, max_memory)
+    for k, first, stop in chunks:
+        sampler.run(spaces[k], k, range(k * num_chains + first, k * num_chains + stop))
+    dims = (len(spaces), num_chains)
     cpu = torch.device("cpu")
     return ChainTraces(
-        loss=loss_trace.view(*dims[:2], num_steps).to(cpu),
-        drift_sq=drift_trace.view(*dims[:2], num_steps).to(cpu),
-        clipped=clipped.to(cpu),
-        orders=orders.view(*dims[:2], num_steps).to(cpu),
-        backend=mode,
-        fallback_reason=fallback_reason,
+        loss=sampler.loss.view(*dims, num_steps).to(cpu),
+        drift_sq=sampler.drift_sq.view(*dims, num_steps).to(cpu),
+        clipped=sampler.clipped.view(dims).to(cpu),
+        orders=orders.view(*dims, num_steps).to(cpu),
+        backend=sampler.backend.name,
+        fallback_reason=sampler.fallback_reason,
+        chunks=tuple(chunks),
     )
+
+
+class _Sampler:
+    """The traces of every slot, and the backend (which ``auto`` may switch once)."""
+
+    def __init__(self, problem: SamplingProblem, step: SGLDStep, num_steps: int, backend: str,
+                 orders: list[list[int]], generators: list[torch.Generator],
+                 dtype: torch.dtype) -> None:
+        self.problem, self.step, self.num_steps = problem, step, num_steps
+        self.orders, self.generators = orders, generators
+        self.backend: Backend = BACKENDS["vmap" if backend == "auto" else backend]()
+        self.try_fallback = backend == "auto"
+        self.fallback_reason: str | None = None
+        device = problem.pool.device
+        self.loss = torch.empty((len(orders), num_steps), dtype=dtype, device=device)
+        self.drift_sq = torch.empty_like(self.loss)
+        self.clipped = torch.zeros(len(orders), dtype=torch.long, device=device)
+
+    def run(self, space: ComponentSpace, component: int, slots: range) -> None:
+        """All steps of the chains ``slots`` of ``component``."""
+        theta = space.theta0.expand(len(slots), space.size).clone()  # (chains, d_k)
+        grad = torch.empty_like(theta)
+        noise = torch.empty_like(space.theta0)
+        generators = self.generators[slots.start : slots.stop]
+        rows = slice(slots.start, slots.stop)
+        for t in range(self.num_steps):
+            batches = [self.orders[s][t] for s in slots]
+            losses = self._forward_backward(space, theta, batches, grad, component == 0)
+            with torch.no_grad():
+                drift_sq, clipped = self.step.apply_(theta, space.theta0, grad, generators,
+                                                     noise)
+                self.loss[rows, t] = losses
+                self.drift_sq[rows, t] = drift_sq
+                self.clipped[rows] += clipped
+
+    def _forward_backward(self, space, theta, batches, grad, must_depend) -> torch.Tensor:
+        if not self.try_fallback:
+            return self.backend.forward_backward(self.problem, space, theta, batches, grad,
+                                                 must_depend=must_depend)
+        self.try_fallback = False  # only the very first call may fall back
+        rng = _global_rng_state(theta.device)
+        try:
+            return self.backend.forward_backward(self.problem, space, theta, batches, grad,
+                                                 must_depend=must_depend)
+        except VMAP_FAILURES as err:
+            self.backend = BACKENDS["loop"]()
+            self.fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            # A loss that draws random numbers (dropout in train mode) must see the same
+            # stream as with backend="loop": rewind what the failed attempt consumed.
+            _set_global_rng_state(theta.device, rng)
+            return self.backend.forward_backward(self.problem, space, theta, batches, grad,
+                                                 must_depend=must_depend)
 
 
 def _global_rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -266,53 +181,9 @@ def _set_global_rng_state(
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _slot_loss(
-    wrapper: LossModule,
-    params: dict[str, torch.Tensor],
-    fixed: dict[str, torch.Tensor],
-    pool: BatchPool,
-    leaves: list[torch.Tensor],
-) -> torch.Tensor:
-    loss = loss_at(wrapper, {**fixed, **params}, pool.unflatten(leaves))
-    return check_scalar_loss(loss)
-
-
-def _grad(
-    losses: torch.Tensor, leaves: list[torch.Tensor], out: list[torch.Tensor]
-) -> None:
-    """Write the gradient of each slot's loss w.r.t. its own parameters into ``out``.
-
-    Slots are independent, so the gradient of the summed losses is every slot's own.
-    ``leaves`` are one ``(slots, *shape)`` tensor per parameter (vmap) or one tensor per
-    (slot, parameter) (loop); ``out`` holds same-shaped views of the flat ``(slots, D)``
-    gradient buffer, so each gradient is copied exactly once, whatever its memory layout.
-    """
-    if not losses.requires_grad:
-        raise ValueError(_NO_GRAD)
-    wanted = [leaf for leaf in leaves if leaf.requires_grad]
-    found = iter(torch.autograd.grad(losses.sum(), wanted, allow_unused=True))
-    grads = [next(found) if leaf.requires_grad else None for leaf in leaves]
-    if all(g is None for g in grads):
-        raise ValueError(_NO_GRAD)
-    for g, view in zip(grads, out, strict=True):
-        if g is None:
-            view.zero_()
-        else:
-            view.copy_(g)
-
-
-def autocast_context(
-    device: torch.device, dtype: torch.dtype | None
-) -> contextlib.AbstractContextManager[Any]:
-    """:func:`torch.autocast` for ``dtype`` on ``device``'s type, or a no-op for None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def evaluate_loss(
     wrapper: LossModule,
-    tensors: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
     pool: BatchPool,
     autocast: torch.dtype | None = None,
 ) -> torch.Tensor:

@@ -72,6 +72,11 @@ class SGLDConfig:
             back to loop with a logged reason).
         train_mode: sample with the model in train mode (dropout on, BatchNorm on batch
             statistics). Default eval, as the estimator assumes a fixed function of w.
+        max_memory: bytes the chains may use beyond the model and the data, or ``"auto"``
+            (80% of the memory free on the model's device). Chains are then advanced in
+            chunks that fit; the numbers are the same as unchunked at the same seed (except
+            for a loss that draws random numbers itself, dropout in ``train_mode``).
+            None (default): every component's chains at once.
     """
 
     step_size: float = 1e-4
@@ -87,6 +92,9 @@ class SGLDConfig:
     num_batches: int | None = None
     backend: Backend = "auto"
     train_mode: bool = False
+    # -- chains (issue #10): memory budget ---------------------------------------------
+    max_memory: int | str | None = None
+    # -- end chains ----------------------------------------------------------------------
 
     def __post_init__(self) -> None:
         # Stored back through the checks: numpy scalars become plain numbers, which
@@ -124,6 +132,17 @@ class SGLDConfig:
             raise ValueError(
                 f"Expected argument `train_mode` to be a bool but got {self.train_mode!r}."
             )
+        # -- chains (issue #10): memory budget -----------------------------------------
+        if not (self.max_memory is None or (isinstance(self.max_memory, str)
+                and self.max_memory == "auto")):
+            try:
+                store("max_memory", check_int("max_memory", self.max_memory))
+            except ValueError:
+                raise ValueError(
+                    "Expected argument `max_memory` to be a number of bytes (a positive int), "
+                    f"'auto' or None but got {self.max_memory!r}."
+                ) from None
+        # -- end chains ------------------------------------------------------------------
 
     @property
     def num_steps(self) -> int:

@@ -11,19 +11,21 @@ chains. A data-restricted LLC is the same call on the restricted data.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import secrets
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .chains import ChainTraces, FlatLayout, evaluate_loss, run_chains
+from .backends import SamplingProblem
+from .chains import ChainTraces, evaluate_loss, run_chains
 from .config import AUTOCAST_DTYPES, DTYPES, SGLDConfig
 from .data import build_pool
 from .diagnostics import ChainSummary, HealthCriteria, Status, assess
@@ -36,8 +38,9 @@ from .functional import (
     preserve_rng,
     trainable_parameters,
 )
-from .restrict import Selector, component_mask, resolve_components
+from .restrict import Selector, resolve_components
 from .sgld import SGLDStep, mala_log_acceptance
+from .space import ComponentSpace
 
 OnFailure = Literal["warn", "raise", "ignore"]
 
@@ -271,6 +274,44 @@ def estimate_llc(
     _check_arguments(model, loss_fn, config, on_failure)
     criteria = HealthCriteria() if criteria is None else criteria
     start = time.perf_counter()
+    run = _prepare(model, loss_fn, data, config, components, seed, generator)
+    with _sampling_context(model, config, run):
+        batch_losses = evaluate_loss(run.problem.wrapper, run.tensors_at_w_star,
+                                     run.problem.pool, run.problem.autocast)
+        _check_init_loss(float(batch_losses.mean()))
+        traces = _run(run, config)
+    result = _summarise(traces, batch_losses.cpu(), run, config, criteria,
+                        time.perf_counter() - start)
+    _handle_failure(result, on_failure)
+    return result
+
+
+@dataclass
+class _Prepared:
+    """Everything the chains need, built once from the user's arguments."""
+
+    problem: SamplingProblem
+    spaces: list[ComponentSpace]
+    names: list[str]
+    n_beta: float
+    generator: torch.Generator
+    device: torch.device
+
+    @property
+    def tensors_at_w_star(self) -> dict[str, torch.Tensor]:
+        return self.problem.shared
+
+
+def _prepare(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Any],
+    config: SGLDConfig,
+    components: Mapping[str, Selector] | None,
+    seed: int | None,
+    generator: torch.Generator | None,
+) -> _Prepared:
+    """Resolve components, draw the pool, lay out each component's coordinates."""
     params = trainable_parameters(model)
     if not params:
         raise ValueError(
@@ -281,81 +322,97 @@ def estimate_llc(
     model_dtype = next(iter(params.values())).dtype
     dtype = _sampling_dtype(config, model_dtype)
     generator = _generator(seed, generator, device)
-    pool = build_pool(
-        data,
-        num_batches=config.num_batches,
-        device=device,
-        float_dtype=dtype if dtype != model_dtype else None,
+    cast = dtype if dtype != model_dtype else None
+    pool = build_pool(data, num_batches=config.num_batches, device=device, float_dtype=cast)
+    # w* is shared by every chain, once; in the model's dtype it is the model's own storage,
+    # which nothing writes to.
+    w_star = {name: p.detach().to(dtype) for name, p in params.items()}
+    fixed = {
+        name: t.to(dtype) if t.is_floating_point() and cast is not None else t
+        for name, t in frozen_tensors(model).items()
+    }
+    problem = SamplingProblem(
+        wrapper=LossModule(model, loss_fn),
+        shared={**fixed, **w_star},
+        pool=pool,
+        autocast=AUTOCAST_DTYPES[config.autocast] if config.autocast else None,
     )
-    n_beta = config.resolved_n_beta(pool.num_samples)
-    layout = FlatLayout.of(params)
-    theta0 = layout.flatten(params, dtype)
-    masks = _component_masks(layout, params, resolved, dtype)
+    spaces = [ComponentSpace.of(w_star)]
+    spaces += [ComponentSpace.of(w_star, masks) for masks in resolved.values()]
+    return _Prepared(
+        problem=problem,
+        spaces=spaces,
+        names=list(resolved),
+        n_beta=config.resolved_n_beta(pool.num_samples),
+        generator=generator,
+        device=device,
+    )
+
+
+@contextlib.contextmanager
+def _sampling_context(model: nn.Module, config: SGLDConfig, run: _Prepared) -> Iterator[None]:
+    """Gradients on, the model in the sampling mode, and the caller's RNG restored after."""
     with (
-        preserve_rng(device),
+        preserve_rng(run.device),
         module_mode(model, train=config.train_mode),
         torch.inference_mode(False),
         torch.enable_grad(),
     ):
         # Only user code that draws from the global RNG (dropout in train_mode) sees this
-        # seed; preserve_rng restores the caller's state afterwards.
-        inner_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
-        # Not torch.manual_seed: it reseeds every CUDA device, and preserve_rng restores only
-        # the CPU generator and the model's device.
+        # seed; preserve_rng restores the caller's state afterwards. Not torch.manual_seed:
+        # it reseeds every CUDA device, and preserve_rng restores only the CPU generator and
+        # the model's device.
+        inner_seed = int(torch.randint(0, 2**62, (1,), generator=run.generator,
+                                       device=run.device))
         torch.default_generator.manual_seed(inner_seed)
-        if device.type == "cuda":
-            torch.cuda.default_generators[device.index or 0].manual_seed(inner_seed)
-        fixed = {
-            name: t.to(dtype) if t.is_floating_point() and dtype != model_dtype else t
-            for name, t in frozen_tensors(model).items()
-        }
-        wrapper = LossModule(model, loss_fn)
-        autocast = AUTOCAST_DTYPES[config.autocast] if config.autocast else None
-        batch_losses = evaluate_loss(wrapper, {**fixed, **layout.views(theta0)}, pool, autocast)
-        init_loss = float(batch_losses.mean())
-        if not math.isfinite(init_loss):
-            raise ValueError(
-                f"The loss at the current weights is {init_loss} on `data`; the LLC is "
-                "undefined at a non-finite loss."
-            )
-        traces = run_chains(
-            wrapper, layout, theta0, fixed, pool,
-            step=SGLDStep(
-                step_size=config.step_size, n_beta=n_beta, localization=config.localization,
-                noise_level=config.noise_level, max_grad_norm=config.max_grad_norm,
-            ),
-            num_chains=config.num_chains,
-            num_steps=config.num_steps,
-            masks=masks,
-            generator=generator,
-            backend=config.backend,
-            autocast=autocast,
+        if run.device.type == "cuda":
+            torch.cuda.default_generators[run.device.index or 0].manual_seed(inner_seed)
+        yield
+
+
+def _check_init_loss(init_loss: float) -> None:
+    if not math.isfinite(init_loss):
+        raise ValueError(
+            f"The loss at the current weights is {init_loss} on `data`; the LLC is "
+            "undefined at a non-finite loss."
         )
+
+
+def _run(run: _Prepared, config: SGLDConfig) -> ChainTraces:
+    traces = run_chains(
+        run.problem, run.spaces,
+        step=SGLDStep(
+            step_size=config.step_size, n_beta=run.n_beta, localization=config.localization,
+            noise_level=config.noise_level, max_grad_norm=config.max_grad_norm,
+        ),
+        num_chains=config.num_chains,
+        num_steps=config.num_steps,
+        generator=run.generator,
+        backend=config.backend,
+        max_memory=config.max_memory,
+    )
     if traces.fallback_reason is not None:
         warnings.warn(
             "estimate_llc: vmap could not run this model, so chains ran one after another "
             f"(backend='loop'): {traces.fallback_reason}. Pass SGLDConfig(backend='loop') to "
             "skip the attempt.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    result = _results(traces, batch_losses.cpu(), list(resolved), n_beta, pool.num_samples,
-                      config, criteria, time.perf_counter() - start)
-    _handle_failure(result, on_failure)
-    return result
+    return traces
 
 
-def _results(
+def _summarise(
     traces: ChainTraces,
     batch_losses: torch.Tensor,
-    names: Sequence[str],
-    n_beta: float,
-    num_samples: int,
+    run: _Prepared,
     config: SGLDConfig,
     criteria: HealthCriteria,
     seconds: float,
 ) -> LLCResult:
+    """One :class:`LLCResult` per component from the raw traces (component 0 is global)."""
     common = dict(
-        init_loss=float(batch_losses.mean()), n_beta=n_beta, num_samples=num_samples,
+        init_loss=float(batch_losses.mean()), n_beta=run.n_beta,
+        num_samples=run.problem.pool.num_samples,
         config=config, criteria=criteria, backend=traces.backend,
         backend_reason=traces.fallback_reason, seconds=seconds,
     )
@@ -370,7 +427,7 @@ def _results(
         )
         for k in range(traces.loss.shape[0])
     ]
-    return replace(parts[0], components=dict(zip(names, parts[1:], strict=True)))
+    return replace(parts[0], components=dict(zip(run.names, parts[1:], strict=True)))
 
 
 def merge_results(results: Sequence[LLCResult], *, criteria: HealthCriteria | None = None
@@ -450,22 +507,6 @@ def _generator(
         raise ValueError(f"Expected `seed` to be an int in [0, 2**63) or None but got {seed!r}.")
     seed = int(seed)
     return torch.Generator(device=device).manual_seed(seed)
-
-
-def _component_masks(
-    layout: FlatLayout,
-    params: Mapping[str, torch.Tensor],
-    resolved: Mapping[str, Any],
-    dtype: torch.dtype,
-) -> torch.Tensor | None:
-    if not resolved:
-        return None
-    device = next(iter(params.values())).device
-    rows = [torch.ones(layout.size, dtype=dtype, device=device)]
-    for component in resolved.values():
-        full = component_mask(component, params)
-        rows.append(layout.flatten(full, dtype))
-    return torch.stack(rows)
 
 
 def _handle_failure(result: LLCResult, on_failure: OnFailure) -> None:

@@ -8,10 +8,11 @@ One step, for every chain at once (Welling & Teh 2011; localized as in Lau et al
                + \gamma (w - w^*)\bigr)}_{\text{drift}} + \sigma\sqrt{\epsilon}\,\xi
 
 read as a chain of gradient transforms (in the spirit of optax's ``noisy_sgd``): scale the
-minibatch gradient by nβ, add the localization pull γ(w − w*), scale by −ε/2, mask the
-coordinates a restricted estimate does not sample, add masked Gaussian noise. All of it is
-a handful of fused in-place tensor ops on one ``(components, chains, parameters)`` buffer, so
-the update costs little next to the forward and backward pass.
+minibatch gradient by nβ, add the localization pull γ(w − w*), scale by −ε/2,
+add Gaussian noise. The chains of a restricted estimate carry only the component's own
+coordinates (:mod:`~slt_callbacks.core.space`), so nothing needs masking. All of it is a
+handful of in-place tensor ops on one ``(chains, parameters)`` buffer, so the update costs
+little next to the forward and backward pass.
 
 The step also returns :math:`\lVert\nabla U(w)\rVert^2` per chain, with
 :math:`U = n\beta L + \tfrac{\gamma}{2}\lVert w - w^*\rVert^2`, from which
@@ -21,6 +22,7 @@ The step also returns :math:`\lVert\nabla U(w)\rVert^2` per chain, with
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,47 +51,45 @@ class SGLDStep:
         theta: torch.Tensor,
         theta0: torch.Tensor,
         grad: torch.Tensor,
+        generators: Sequence[torch.Generator],
         noise: torch.Tensor,
-        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance ``theta`` in place by one SGLD step.
 
         Args:
-            theta: ``(components, chains, params)``, the current draws; updated in place.
-            theta0: ``(params,)``, w*.
+            theta: ``(chains, params)``, the current draws (a component's own coordinates);
+                updated in place.
+            theta0: ``(params,)``, w* restricted to those coordinates.
             grad: same shape as ``theta``, minibatch gradients of the mean loss; consumed
-                (may be overwritten).
-            noise: same shape as ``theta``, standard normal draws; consumed.
-            mask: ``(components, 1, params)`` with 1 for sampled coordinates and 0 for
-                coordinates frozen at w*, or None to sample every coordinate.
+                (overwritten).
+            generators: one per chain: chain ``i``'s noise comes from ``generators[i]`` and
+                from nothing else, so a chain's numbers do not depend on which other chains
+                are updated with it.
+            noise: ``(params,)`` scratch buffer for one chain's standard normal draws.
 
         Returns:
-            ``(drift_sq, clipped)``: ``‖∇U‖²`` per chain over the sampled coordinates,
-            shape ``(components, chains)``, and a bool tensor of the same shape saying
-            whether the gradient was clipped.
+            ``(drift_sq, clipped)``: ``‖∇U‖²`` per chain, shape ``(chains,)``, and a bool
+            tensor of the same shape saying whether the gradient was clipped.
         """
         eps = self.step_size
         if self.max_grad_norm is not None:
-            g = grad if mask is None else grad.mul_(mask)
-            norms = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+            norms = torch.linalg.vector_norm(grad, dim=-1, keepdim=True)
             scale = (self.max_grad_norm / norms.clamp_min(1e-30)).clamp_max_(1.0)
             grad.mul_(scale)
             clipped = (scale < 1.0).squeeze(-1)
         else:
             clipped = torch.zeros(theta.shape[:-1], dtype=torch.bool, device=theta.device)
         # delta = -(ε/2)·(nβ·g + γ·(θ − θ*)), built in the gradient's buffer: every line
-        # below is one pass over (components, chains, params) and none allocates.
+        # below is one pass over (chains, params) and none allocates.
         delta = grad.mul_(-0.5 * eps * self.n_beta)
         if self.localization:
             pull = 0.5 * eps * self.localization
             delta.add_(theta, alpha=-pull).add_(theta0, alpha=pull)
-        if mask is not None:
-            delta.mul_(mask)
         drift_sq = torch.linalg.vector_norm(delta, dim=-1).square_().mul_((2.0 / eps) ** 2)
+        theta.add_(delta)
         noise_scale = self.noise_level * math.sqrt(eps)
-        if mask is not None:
-            noise.mul_(mask)
-        theta.add_(delta).add_(noise, alpha=noise_scale)
+        for row, generator in zip(theta, generators, strict=True):
+            row.add_(noise.normal_(generator=generator), alpha=noise_scale)
         return drift_sq, clipped
 
 

@@ -190,7 +190,7 @@ def test_default_n_beta_is_wbic_of_the_pool():
     assert result.n_beta == pytest.approx(128 / math.log(128))
 
 
-def test_partial_last_batch_is_skipped_and_pool_can_cycle():
+def test_partial_last_batch_is_kept_and_pool_can_cycle():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(70, 3, generator=g)
     data = [x[i : i + 32] for i in range(0, 70, 32)]  # 32, 32, 6
@@ -202,8 +202,10 @@ def test_partial_last_batch_is_skipped_and_pool_can_cycle():
     with pytest.warns(UserWarning, match="repeats them"):
         result = estimate_llc(nn.Linear(3, 1), loss, data, config=cfg, seed=0,
                               on_failure="ignore")
-    # Five pool batches, but only the two full batches are distinct data: n counts those.
-    assert result.num_samples == 2 * 32
+    # Five pool batches cycled from three distinct ones; the short last batch is data too,
+    # so n counts all 70 samples once (it used to be dropped silently, issue #8).
+    assert result.num_samples == 70
+    assert torch.isfinite(result.loss_trace).all()
 
 
 def test_batch_size_ignores_scalar_leaves():
