@@ -52,16 +52,19 @@ from slt_callbacks.schedule import Schedule
 class SaddleNet(pl.LightningModule):
     """The student of a :class:`SaddleProblem`, trained by plain SGD on ½‖y − f(x)‖².
 
-    ``training_step`` returns the Gaussian negative log-likelihood (unit variance), the loss
-    the closed-form learning coefficient refers to; it is all the monitors need (they call it
+    ``training_step`` returns the minibatch's Gaussian negative log-likelihood (unit
+    variance), the loss the closed-form learning coefficient refers to; it is all the monitors
+    need (they call it
     as their loss, so it has no side effects besides ``self.log``, which they silence). The
-    loss of every training step is kept in :attr:`losses` to locate the drops afterwards.
+    loss on the whole training set after every step is logged (``dataset_loss``) and kept in
+    :attr:`losses`, to locate the drops afterwards.
     """
 
     def __init__(self, problem: SaddleProblem) -> None:
         super().__init__()
         self.problem = problem
         self.net = problem.model()
+        self.data = problem.data()
         self.losses: list[tuple[int, float]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,8 +76,15 @@ class SaddleNet(pl.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Here, not in training_step: the monitors call training_step as their loss.
-        self.losses.append((self.global_step - 1, float(outputs["loss"])))
+        # Here, not in training_step: the monitors call training_step as their loss. The loss
+        # on the whole training set (L_n) after this step's update, i.e. at the weights the
+        # monitors see at `global_step`: a minibatch's loss scatters by ~20% on the last
+        # plateau, enough to fake a drop.
+        with torch.no_grad():
+            x, y = self.data
+            full = gaussian_nll(self.net, (x.to(self.device), y.to(self.device)))
+        self.log("dataset_loss", full)
+        self.losses.append((self.global_step, float(full)))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.problem.lr)
@@ -232,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = read_metrics_csv(csv)
     widths = "-".join(map(str, problem.widths))
     values = ", ".join(f"{s:g}" for s in problem.singular_values)
-    plot_run(rows, result["stages"].events, png,
+    plot_run(rows, result["stages"].events, png, loss_key="dataset_loss",
              title=f"Saddle-to-saddle: deep linear network {widths}, teacher singular values "
                    f"{values}; dotted: loss drops; solid: stage events",
              true_lambda=problem.true_lambda,
@@ -255,7 +265,7 @@ def curves(problem: SaddleProblem, result: dict[str, Any]) -> dict[str, Any]:
         "num_chains": [r["num_chains"] for r in history],
         "status": [r["status"] for r in history],
         "loss": [r["loss"] for r in history],  # the monitor's moving average
-        "train_loss": [by_step.get(r["step"]) for r in history],  # that step's own loss
+        "dataset_loss": [by_step.get(r["step"]) for r in history],  # L_n at that step
         "drop_steps": list(result["drop_steps"]),
         "plateau_losses": list(problem.plateau_losses),
         "final_true_lambda": problem.true_lambda,
@@ -268,7 +278,9 @@ def curves(problem: SaddleProblem, result: dict[str, Any]) -> dict[str, Any]:
 
 def _rows_from_monitors(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The rows a CSV logger would have written, from the monitors' histories (W&B case)."""
-    rows: list[dict[str, Any]] = [{"step": s, "train_loss": v} for s, v in result["model"].losses]
+    rows: list[dict[str, Any]] = [
+        {"step": s, "dataset_loss": v} for s, v in result["model"].losses
+    ]
     for r in result["llc"].history:
         rows.append({"step": r["step"], "slt/llc": r["llc"], "slt/llc_std": r["llc_std"],
                      "status": r["status"]})  # fmt: skip

@@ -138,12 +138,14 @@ def test_quickstart_runs_end_to_end_and_plots(tmp_path) -> None:
     rows = read_metrics_csv(csv)
     assert sum("slt/llc" in r for r in rows) == len(history)
     assert sum("train_loss" in r for r in rows) == 200
+    assert sum("dataset_loss" in r for r in rows) == 200
     png = tmp_path / "run.png"
-    qs.plot_run(rows, result["stages"].events, png, true_lambda=problem.true_lambda)
+    qs.plot_run(rows, result["stages"].events, png, loss_key="dataset_loss",
+                true_lambda=problem.true_lambda)
     assert png.stat().st_size > 10_000
     text = qs.summary(problem, result)
     assert problem.true_lambda == 15.0  # rank 2: (2·7·12 − 7²)/8 + 1/8
-    assert text.count("\n") >= 3 and "true λ = 15" in text
+    assert text.count("\n") >= 3 and "  15  (" in text  # the final plateau vs true λ
     curves = qs.curves(problem, result)
     assert len(curves["steps"]) == len(curves["llc"]) == len(curves["status"])
     assert curves["final_true_lambda"] == problem.true_lambda
