@@ -48,6 +48,15 @@ from slt_callbacks.plots import plot_run, read_metrics_csv
 from slt_callbacks.reference import SaddleProblem, loss_drop_steps
 from slt_callbacks.schedule import Schedule
 
+CONFIGS: dict[str, SGLDConfig | str | None] = {
+    "default": None,  # LLCMonitor's default, SGLDConfig()
+    "auto": "auto",  # calibrated by LLCMonitor(config="auto")
+    # Weak localization and long chains: at the final minimum λ̂ reads within a few percent of
+    # the closed-form value, where γ = 100 (the default) restrains the chains and reads low
+    # (SLT_PRIMER: γ biases λ̂ low at singular points); each estimate costs 8x the default.
+    "gamma1": SGLDConfig(localization=1.0, num_draws=2000, num_burnin_steps=500),
+}
+
 
 class SaddleNet(pl.LightningModule):
     """The student of a :class:`SaddleProblem`, trained by plain SGD on ½‖y − f(x)‖².
@@ -213,8 +222,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--singular-values", default=None,
                         help="the teacher's singular values, comma-separated (default: the "
                              "SaddleProblem's)")
-    parser.add_argument("--config", choices=("default", "auto"), default="default",
-                        help="SGLD hyperparameters: SGLDConfig() or calibrated (config='auto')")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="default",
+                        help="SGLD hyperparameters: default SGLDConfig(), auto (calibrated), "
+                             "or gamma1 (weak localization, long chains: accurate, ~8x slower)")
     parser.add_argument("--per-decade", type=int, default=16, help="estimates per decade")
     parser.add_argument("--json", help="also write the λ̂ curve and the loss drops there")
     args = parser.parse_args(argv)
@@ -225,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         values = tuple(float(v) for v in args.singular_values.split(","))
         problem = dataclasses.replace(problem, singular_values=values)
     result = run(problem, steps=args.steps, out=args.out, wandb=args.wandb,
-                 per_decade=args.per_decade, config="auto" if args.config == "auto" else None)
+                 per_decade=args.per_decade, config=CONFIGS[args.config])
     llc, trainer = result["llc"], result["trainer"]
     print(summary(problem, result))
     print(f"\nnβ = {llc.n_beta:.1f}, {llc.active_config.num_chains} chains × "
