@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from ._checks import check_int
 
-__all__ = ["Schedule", "coerce"]
+__all__ = ["Schedule", "coerce", "fire"]
 
 DEFAULT_LOG_PER_DECADE = 8
 """Measurements per decade of ``Schedule()``: steps 0, 1, 2, 3, 4, 6, 7, 10, 13, 18, 24, 32, ..."""
@@ -441,6 +441,41 @@ def _format_rule(rule: _Rule) -> str:
     args = _as_constructor_args([rule])
     assert args is not None, "a single plain rule is always one constructor call"
     return f"Schedule({_format_args(args)})"
+
+
+def fire(schedule: Schedule, step: int, next_due: int | None) -> tuple[bool, int | None]:
+    """Whether a monitor runs at ``step``, and its next due step afterwards.
+
+    A monitor runs at the *first step it sees at or after* each scheduled step, once. The
+    steps it sees need not be consecutive: ``trainer.global_step`` moves by two per batch
+    under manual optimization with two optimizers (and by more after a resume from a
+    checkpoint), so asking :meth:`Schedule.should_run` of each seen step would skip every
+    scheduled step that falls in between. With the pointer ``next_due`` (the first scheduled
+    step not yet served; ``schedule.next_step(-1)`` for a fresh run, None when the schedule
+    is exhausted) the decision is ``step >= next_due``; after running, the pointer moves to
+    the first scheduled step *after* ``step``, so the scheduled steps that were jumped over
+    are served by this one run, not by a burst of catch-up runs.
+
+    Args:
+        schedule: the policy.
+        step: the step seen now (call once per distinct step).
+        next_due: the pointer before this step.
+
+    Returns:
+        ``(run, next_due)``: run now or not, and the pointer to keep.
+
+    Example:
+        >>> s = Schedule.at([0, 1, 3, 5])
+        >>> due, seen = s.next_step(-1), []
+        >>> for step in range(0, 8, 2):  # global_step under two optimizers
+        ...     run, due = fire(s, step, due)
+        ...     seen += [step] if run else []
+        >>> seen
+        [0, 2, 4, 6]
+    """
+    if next_due is None or step < next_due:
+        return False, next_due
+    return True, schedule.next_step(step)
 
 
 def coerce(value: Schedule | Sequence[int] | int | None) -> Schedule:

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from slt_callbacks.schedule import DEFAULT_LOG_PER_DECADE, Schedule, coerce
+from slt_callbacks.schedule import DEFAULT_LOG_PER_DECADE, Schedule, coerce, fire
 
 
 def log_points(per_decade: int, end: int, start: int = 0) -> set[int]:
@@ -327,3 +327,45 @@ def test_documented_default_matches():
     # The docstring of DEFAULT_LOG_PER_DECADE lists the first steps; keep it honest.
     first = Schedule().steps_until(32)
     assert first == [0, 1, 2, 3, 4, 6, 7, 10, 13, 18, 24, 32]
+
+
+# -- firing on the steps a monitor actually sees (issue #8) -------------------------------------
+
+
+def served(schedule: Schedule, seen: list[int]) -> list[int]:
+    """The seen steps at which a monitor runs, by :func:`fire` with its pointer."""
+    due, out = schedule.next_step(-1), []
+    for step in seen:
+        run, due = fire(schedule, step, due)
+        out += [step] if run else []
+    return out
+
+
+def test_fire_serves_every_scheduled_step_when_global_step_moves_by_two():
+    # Manual optimization with two optimizers: global_step 0, 2, 4, ... Asking should_run of
+    # each seen step measured nothing of [1, 3, 5] (and [0] only once).
+    seen = list(range(0, 30, 2))
+    assert [s for s in seen if Schedule.at([1, 3, 5]).should_run(s)] == []  # the old rule
+    assert served(Schedule.at([1, 3, 5]), seen) == [2, 4, 6]
+    # The default log schedule lost 7 of its first 24 steps the old way (the odd ones: 1, 3,
+    # 7, 13, 75, 133, 237); now each is served by the first seen step at or after it, once.
+    default = Schedule()
+    first_24 = default.steps_until(1000)
+    assert len(first_24) == 24 and sum(s % 2 for s in first_24) == 7
+    assert len([s for s in range(0, 1001, 2) if default.should_run(s)]) == 17  # the old rule
+    runs = served(default, list(range(0, 1001, 2)))
+    # Every scheduled step is served at most one step late (1 and 2 share the run at 2).
+    assert all(any(t <= r <= t + 1 for r in runs) for t in first_24) and len(runs) == 22
+    expected = sorted({min(s for s in seen if s >= t) for t in default.steps_until(24)})
+    assert served(default, seen) == expected == [0, 2, 4, 6, 8, 10, 14, 18, 24]
+
+
+def test_fire_runs_once_per_scheduled_step_and_absorbs_jumps():
+    schedule = Schedule(every=10)
+    # A jump over several scheduled steps (a resume, a big accumulation) runs once, not a
+    # burst of catch-up measurements.
+    assert served(schedule, [0, 1, 2, 35, 36, 40, 41]) == [0, 35, 40]
+    # Consecutive steps: exactly the schedule.
+    assert served(schedule, list(range(50))) == schedule.steps_until(49)
+    # An exhausted schedule never fires again.
+    assert fire(Schedule.at([3]), 10, None) == (False, None)

@@ -2,15 +2,20 @@
 
 A monitor is a thin adapter. :class:`_ScheduledMonitor` owns the Lightning side of it:
 
-- **when**: once per optimizer step (``trainer.global_step`` changed since the last call and the
-  schedule says so), step 0 in ``on_train_start`` for a fresh run, never during the sanity
-  check or ``fast_dev_run``;
+- **when**: at the first optimizer step at or after each scheduled step, once (a "next due
+  step" pointer, checkpointed, so a ``global_step`` that moves by 2 per batch under manual
+  optimization with two optimizers skips nothing), step 0 in ``on_train_start`` for a fresh
+  run, never during the sanity check or ``fast_dev_run``;
 - **where to**: a :class:`~slt_callbacks.sinks.MetricSink` over ``trainer.loggers``, writing on
   global rank zero only;
 - **what it remembers**: ``history`` (one plain dict per measurement) and the last step
   measured, in ``state_dict`` so a resumed run continues the schedule;
 - **what it refuses**: bad configuration, found in ``setup`` (or in ``on_train_start`` for what
-  needs a batch), before any training step.
+  needs a batch), before any training step, whatever the schedule: the loss is a scalar,
+  depends on the trainable parameters, and looks like a mean (else a warning);
+- **what it survives**: a measurement that fails numerically (NaN at w*, a kernel without a
+  double backward, out of memory) is logged as a failed step and training goes on
+  (:mod:`slt_callbacks.callbacks._guard`), unless ``on_failure="raise"``.
 
 Subclasses implement :meth:`_ScheduledMonitor._measure` (call the core estimator, return a
 history entry and the metrics to log) and nothing of the above.
@@ -42,6 +47,7 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
@@ -51,14 +57,19 @@ from slt_callbacks.core.config import DEFAULT_MAX_BATCHES
 from slt_callbacks.core.functional import (
     LossFn,
     LossModule,
+    batch_norm_reason,
     check_scalar_loss,
     frozen_tensors,
     loss_at,
+    loss_depends_on_parameters,
     module_mode,
+    sum_reduction_reason,
     trainable_parameters,
 )
-from slt_callbacks.schedule import Schedule, coerce
+from slt_callbacks.schedule import Schedule, coerce, fire
 from slt_callbacks.sinks import MetricSink
+
+from ._guard import CAUGHT, Failure, FailureGuard, OnFailure
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -280,7 +291,13 @@ class _ScheduledMonitor(Callback):
             of one monitor can coexist (Lightning refuses two with equal state keys).
         loss_fn: ``loss_fn(model, batch) -> scalar``; default :class:`TrainingStepLoss`.
         data: batches for the estimate; default drawn from the training set.
+        on_failure: what a measurement that fails numerically does: ``"warn"`` (log the step
+            as failed, warn once per kind of failure, train on), ``"ignore"`` (the same
+            without the warning) or ``"raise"`` (re-raise, which ends the run).
     """
+
+    #: Short name of the measurement in ``<prefix>failures/<tag>``.
+    failure_tag: str = "measurement"
 
     #: Whether the monitor evaluates a loss on data (the weight-norm monitor does not).
     uses_data: bool = True
@@ -295,8 +312,11 @@ class _ScheduledMonitor(Callback):
         prefix: str,
         loss_fn: LossFn | None = None,
         data: Iterable[Any] | None = None,
+        on_failure: OnFailure = "warn",
     ) -> None:
         self.schedule = coerce(schedule)
+        self._guard = FailureGuard(type(self).__name__, on_failure)
+        self.on_failure = on_failure
         seed = check_int("seed", seed, minimum=0)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(
@@ -317,7 +337,10 @@ class _ScheduledMonitor(Callback):
         self.loss_fn = loss_fn
         self.data = data
         self.history: list[dict[str, Any]] = []
+        #: ``{"step", "kind", "reason"}`` of every measurement that failed (checkpointed).
+        self.failures: list[dict[str, Any]] = []
         self._last_step: int | None = None
+        self._next_due: int | None = self.schedule.next_step(-1)
         self._enabled = True
         self._sink: MetricSink | None = None
         self._loss_fn: LossFn | None = None
@@ -335,11 +358,24 @@ class _ScheduledMonitor(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values only, so a checkpoint loads with ``torch.load(weights_only=True)``."""
-        return {"history": [dict(entry) for entry in self.history], "last_step": self._last_step}
+        return {
+            "history": [dict(entry) for entry in self.history],
+            "last_step": self._last_step,
+            "next_due": self._next_due,
+            "failures": [dict(f) for f in self.failures],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(entry) for entry in state_dict["history"]]
         self._last_step = state_dict["last_step"]
+        self.failures = [dict(f) for f in state_dict.get("failures", [])]
+        self._guard.count = len(self.failures)
+        # A checkpoint from before the pointer existed: the next scheduled step after the
+        # last one checked is where the pointer would be.
+        self._next_due = state_dict.get(
+            "next_due",
+            self.schedule.next_step(-1 if self._last_step is None else self._last_step),
+        )
 
     # -- Lightning hooks --------------------------------------------------------------------
 
@@ -390,20 +426,35 @@ class _ScheduledMonitor(Callback):
     # -- the decision and the run -----------------------------------------------------------
 
     def _due(self, trainer: pl.Trainer) -> bool:
-        """Once per optimizer step: under gradient accumulation ``on_train_batch_end`` sees
-        the same ``global_step`` several times."""
+        """At the first optimizer step at or after the next scheduled step, once.
+
+        ``global_step`` counts optimizer steps, and it need not move by one per batch: under
+        gradient accumulation ``on_train_batch_end`` sees the same value several times, under
+        manual optimization with two optimizers it moves by two. Asking "is this step
+        scheduled?" would measure twice in the first case and skip every odd scheduled step in
+        the second; keeping a pointer to the next due step and firing when ``global_step``
+        reaches or passes it does neither. The pointer then moves past ``global_step``, so
+        scheduled steps that were jumped over are covered by this one measurement.
+        """
         step = trainer.global_step
         if trainer.sanity_checking or step == self._last_step:
             return False
         self._last_step = step
-        return self.schedule.should_run(step)
+        run, self._next_due = fire(self.schedule, step, self._next_due)
+        return run
 
     def _maybe_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._due(trainer):
             return
         step = trainer.global_step
-        with self._isolated(pl_module):
-            entry, metrics = self._measure(trainer, pl_module, step)
+        try:
+            with self._isolated(pl_module):
+                entry, metrics = self._measure(trainer, pl_module, step)
+        except CAUGHT as error:
+            failure = self._guard.handle(error, step, trainer.global_rank)
+            self.failures.append({"step": step, "kind": failure.kind, "reason": failure.reason})
+            entry, metrics = self._failed(failure)
+            metrics[self._key(f"failures/{self.failure_tag}")] = float(self._guard.count)
         entry = {"step": step, **entry}
         self.history.append(entry)
         assert self._sink is not None
@@ -425,7 +476,9 @@ class _ScheduledMonitor(Callback):
 
     def _reset(self) -> None:
         """Forget what an earlier fit measured (the monitor is reused for a fresh run)."""
-        self.history, self._last_step = [], None
+        self.history, self._last_step, self.failures = [], None, []
+        self._next_due = self.schedule.next_step(-1)
+        self._guard.count = 0
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validate what can be validated without a batch (components, chain split...)."""
@@ -444,6 +497,11 @@ class _ScheduledMonitor(Callback):
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Return ``(history entry without "step", metrics to log)``."""
         raise NotImplementedError
+
+    def _failed(self, failure: Failure) -> tuple[dict[str, Any], dict[str, float]]:
+        """The history entry (without "step") and metrics of a failed measurement: NaN for
+        every value the monitor logs, so the gap shows in every logger."""
+        return {"status": "failed", "failure": failure.kind}, {}
 
     def _after(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: dict[str, Any]
@@ -504,18 +562,39 @@ class _ScheduledMonitor(Callback):
         return [move_data_to_device(b, pl_module.device) for b in batches]
 
     def _check_loss(self, pl_module: pl.LightningModule, batch: Any, argument: str) -> None:
+        """Before any training step: the loss is a finite-or-not scalar that depends on the
+        trainable parameters (an error otherwise) and looks like a mean over the batch (a
+        warning otherwise, see :func:`~slt_callbacks.core.functional.sum_reduction_reason`)."""
         assert self._loss_fn is not None
         # Through functional_call with cloned buffers, like every estimate: a loss that
         # updates module state (a counter buffer, running statistics) must not leak into
         # training from this check either.
         wrapper = LossModule(pl_module, self._loss_fn)
         tensors = {**frozen_tensors(pl_module), **trainable_parameters(pl_module)}
-        with torch.no_grad(), module_mode(pl_module, train=False):
-            try:
-                loss = loss_at(wrapper, tensors, batch)
-                check_scalar_loss(loss, argument="loss_fn")
-            except ValueError as err:
-                raise ValueError(f"{self._name} (first batch of `{argument}`): {err}") from err
+        where = f"{self._name} (first batch of `{argument}`)"
+        with module_mode(pl_module, train=False):
+            with torch.no_grad():
+                try:
+                    loss = loss_at(wrapper, tensors, batch)
+                    check_scalar_loss(loss, argument="loss_fn")
+                except ValueError as err:
+                    raise ValueError(f"{where}: {err}") from err
+            if tensors and not loss_depends_on_parameters(wrapper, tensors, batch):
+                raise ValueError(
+                    f"{where}: the loss returned by `loss_fn` does not depend on any trainable "
+                    "parameter of the model (or was detached), so every measurement would be "
+                    "0 or undefined. Is `loss_fn` calling the model it is given?"
+                )
+            with torch.no_grad():
+                reason = sum_reduction_reason(lambda b: loss_at(wrapper, tensors, b), batch)
+        if reason is not None:
+            rank_zero_warn(f"{where}: {reason}")
+
+    def _check_batch_norm(self, pl_module: pl.LightningModule, *, train_mode: bool) -> None:
+        """Say what BatchNorm layers do to the measurement in the mode it runs in."""
+        reason = batch_norm_reason(pl_module, train_mode=train_mode)
+        if reason is not None:
+            rank_zero_warn(f"{self._name}: {reason}")
 
     def _check_schedule_fires(self, max_step: int, what: str) -> None:
         first = self.schedule.next_step(-1)

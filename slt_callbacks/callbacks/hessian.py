@@ -10,9 +10,10 @@ import torch.utils._pytree as pytree
 
 from slt_callbacks._checks import check_int, check_optional_int
 from slt_callbacks.core.curvature import TraceEstimate, fisher_trace, hessian_trace
-from slt_callbacks.core.functional import LossFn
+from slt_callbacks.core.functional import LossFn, NonFiniteLossError
 
 from ._base import ScheduleLike, _ScheduledMonitor, gather, split
+from ._guard import Failure, OnFailure, attempt, raise_if_any_failed
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -61,12 +62,23 @@ class HessianTraceMonitor(_ScheduledMonitor):
         chunk_size: probes (and samples) per vectorised chunk, to bound memory; None: all.
         seed: root of the probes' seeds (derived from seed, step, rank).
         prefix: start of every metric key; distinct per instance.
+        on_failure: a measurement that fails (a non-finite trace because the loss at w* is
+            NaN, an operation without a second derivative, out of memory) is, with
+            ``"warn"`` (default), logged as NaN with ``slt/failures/hessian`` counting the
+            failures and ``status="failed"`` in the history, with one warning per kind, and
+            training goes on; ``"ignore"``: no warning; ``"raise"``: the error ends the run.
+
+    The Hessian-vector products and per-sample gradients run under PyTorch's math attention
+    kernel (:func:`~slt_callbacks.core.curvature.math_attention`): the fused kernels have no
+    double backward. A loss that does not depend on the trainable parameters is refused
+    before the first training step (its traces would be a silent 0).
 
     Example:
         >>> monitor = HessianTraceMonitor(num_probes=32, schedule=1000)
     """
 
     default_num_batches = 1
+    failure_tag = "hessian"
 
     def __init__(
         self,
@@ -80,8 +92,10 @@ class HessianTraceMonitor(_ScheduledMonitor):
         chunk_size: int | None = None,
         seed: int = 0,
         prefix: str = "slt/",
+        on_failure: OnFailure = "warn",
     ) -> None:
-        super().__init__(schedule=schedule, seed=seed, prefix=prefix, loss_fn=loss_fn, data=data)
+        super().__init__(schedule=schedule, seed=seed, prefix=prefix, loss_fn=loss_fn, data=data,
+                         on_failure=on_failure)
         num_probes, num_batches = check_int("num_probes", num_probes), check_int(
             "num_batches", num_batches
         )
@@ -106,6 +120,29 @@ class HessianTraceMonitor(_ScheduledMonitor):
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> tuple[dict[str, Any], dict[str, float]]:
+        rank = trainer.global_rank
+        # Every rank reaches the gather, failed or not (see slt_callbacks.callbacks._guard).
+        local = attempt(self._local_samples, trainer, pl_module, step, rank=rank)
+        parts = gather(local, trainer)
+        raise_if_any_failed(parts)
+        h = TraceEstimate.from_samples(torch.cat([p[0] for p in parts]))
+        values = {"hessian_trace": h.value, "hessian_trace_stderr": h.stderr}
+        if self.fisher:
+            f = TraceEstimate.from_samples(torch.cat([p[1] for p in parts]))
+            values.update(fisher_trace=f.value, fisher_trace_stderr=f.stderr)
+        bad = [k for k in ("hessian_trace", "fisher_trace") if k in values
+               and not torch.isfinite(torch.tensor(values[k]))]  # fmt: skip
+        if bad:
+            raise NonFiniteLossError(
+                f"{' and '.join(bad)} = {', '.join(str(values[k]) for k in bad)} at step {step}: "
+                "the loss or its derivatives are not finite at the current weights"
+            )
+        return values, {self._key(k): v for k, v in values.items()}
+
+    def _local_samples(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's probe values and squared per-sample gradient norms."""
         world, rank = trainer.world_size, trainer.global_rank
         probes = split(self.num_probes, world, rank)
         generator = torch.Generator(pl_module.device)
@@ -122,13 +159,14 @@ class HessianTraceMonitor(_ScheduledMonitor):
             for rows in (_rows(batch, rank, world) for batch in self._batches)
             if self.fisher and rows is not None
         ]
-        parts = gather((_cat(hessian), _cat(fisher)), trainer)
-        h = TraceEstimate.from_samples(torch.cat([p[0] for p in parts]))
-        values = {"hessian_trace": h.value, "hessian_trace_stderr": h.stderr}
-        if self.fisher:
-            f = TraceEstimate.from_samples(torch.cat([p[1] for p in parts]))
-            values.update(fisher_trace=f.value, fisher_trace_stderr=f.stderr)
-        return values, {self._key(k): v for k, v in values.items()}
+        return _cat(hessian), _cat(fisher)
+
+    def _failed(self, failure: Failure) -> tuple[dict[str, Any], dict[str, float]]:
+        entry, _ = super()._failed(failure)
+        keys = ["hessian_trace", "hessian_trace_stderr"]
+        keys += ["fisher_trace", "fisher_trace_stderr"] if self.fisher else []
+        values = dict.fromkeys(keys, float("nan"))
+        return {**values, **entry}, {self._key(k): v for k, v in values.items()}
 
 
 def _cat(samples: list[torch.Tensor]) -> torch.Tensor:

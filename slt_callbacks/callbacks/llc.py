@@ -25,6 +25,14 @@ from slt_callbacks.plots import plot_calibration
 from slt_callbacks.records import LLCRecord
 
 from ._base import ScheduleLike, _ScheduledMonitor, callbacks_with, derive_seed, gather, split
+from ._guard import (
+    FAILED_STATUS,
+    FAILED_STATUS_CODE,
+    Failure,
+    OnFailure,
+    attempt,
+    raise_if_any_failed,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -122,6 +130,14 @@ class LLCMonitor(_ScheduledMonitor):
         criteria: thresholds of the health checks.
         calibration: keyword arguments for ``calibrate`` when ``config="auto"`` (e.g.
             ``{"base": SGLDConfig(num_chains=8), "num_draws": 200}``).
+        on_failure: an estimate that cannot be made (the loss at w* is NaN, an operation
+            without the derivative the chains need, out of memory) is, with ``"warn"``
+            (default), logged as a failed step (``slt/llc`` NaN, ``slt/diag/status_code`` 6,
+            ``slt/failures/llc`` counting them, a record with ``status="failed"``; the reason
+            in :attr:`failures`) with one warning per kind of failure, and training goes on;
+            ``"ignore"``: the same without warnings; ``"raise"``: the error ends the run.
+            Unhealthy estimates (diverged chains...) are results, not failures: they are
+            logged with their status either way.
 
     Raises:
         ValueError: an argument of the wrong type or value (named in the message); in
@@ -138,6 +154,8 @@ class LLCMonitor(_ScheduledMonitor):
         >>> trainer = Trainer(callbacks=[monitor], max_steps=1000)  # doctest: +SKIP
     """
 
+    failure_tag = "llc"
+
     def __init__(
         self,
         *,
@@ -152,8 +170,10 @@ class LLCMonitor(_ScheduledMonitor):
         snapshot_dir: str | os.PathLike[str] | None = None,
         criteria: HealthCriteria | None = None,
         calibration: Mapping[str, Any] | None = None,
+        on_failure: OnFailure = "warn",
     ) -> None:
-        super().__init__(schedule=schedule, seed=seed, prefix=prefix, loss_fn=loss_fn, data=data)
+        super().__init__(schedule=schedule, seed=seed, prefix=prefix, loss_fn=loss_fn, data=data,
+                         on_failure=on_failure)
         _check_config(config, calibration)
         _check_mapping("components", components)
         _check_mapping("datasets", datasets)
@@ -262,6 +282,8 @@ class LLCMonitor(_ScheduledMonitor):
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resolve_components(pl_module, self.components)  # frozen parameters may have changed
+        config = self.active_config or self.calibration.get("base") or SGLDConfig()
+        self._check_batch_norm(pl_module, train_mode=config.train_mode)
         super()._prepare(trainer, pl_module)
         for name, loader in self.datasets.items():
             argument = f"datasets[{name!r}]"
@@ -333,7 +355,10 @@ class LLCMonitor(_ScheduledMonitor):
         if self._backend is not None:
             local = replace(local, backend=self._backend)
         assert self._loss_fn is not None
-        result = estimate_llc(
+        # Every rank reaches the gather, failed or not, so that one rank's failure cannot
+        # leave the others waiting in a collective; then all ranks raise it alike.
+        outcome = attempt(
+            estimate_llc,
             pl_module,
             self._loss_fn,
             batches,
@@ -342,12 +367,20 @@ class LLCMonitor(_ScheduledMonitor):
             seed=self._seed(trainer, step, tag),
             on_failure="ignore",  # the monitor reports health itself, once per step
             criteria=self.criteria,
+            rank=rank,
         )
+        if world == 1:
+            raise_if_any_failed([outcome])
+        else:
+            parts = gather(outcome if isinstance(outcome, Failure) else _to_cpu(outcome), trainer)
+            raise_if_any_failed(parts)
+        assert isinstance(outcome, LLCResult)
+        result = outcome
         if result.backend == "loop" and local.backend == "auto":
             self._backend = "loop"  # vmap failed once (and core warned); do not retry each step
         if world == 1:
             return result
-        merged = merge_results(gather(_to_cpu(result), trainer), criteria=self.criteria)
+        merged = merge_results(parts, criteria=self.criteria)
         return replace(merged, config=replace(merged.config, backend=config.backend))
 
     def _metrics(
@@ -367,10 +400,28 @@ class LLCMonitor(_ScheduledMonitor):
             metrics[self._key(f"llc_data_std/{name}")] = part.llc_std
         return metrics
 
+    def _failed(self, failure: Failure) -> tuple[dict[str, Any], dict[str, float]]:
+        """A failed estimate keeps the shape of a record (λ̂ NaN, status "failed"), so the
+        history, the hand-off to stage detectors and the checkpoint stay uniform."""
+        self.last_result, self.last_dataset_results = None, {}
+        nan = float("nan")
+        record = LLCRecord(step=0, llc=nan, llc_std=nan, status=FAILED_STATUS,
+                           loss=self._loss_value(), source=self.prefix)  # fmt: skip
+        entry = record.to_dict()
+        del entry["step"]
+        metrics = {self._key("llc"): nan, self._key("llc_std"): nan,
+                   self._key("diag/status_code"): float(FAILED_STATUS_CODE)}  # fmt: skip
+        return entry, metrics
+
     def _after(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, entry: dict[str, Any]
     ) -> None:
-        assert self.last_result is not None and self._sink is not None
+        assert self._sink is not None
+        if self.last_result is None:  # the estimate failed; the guard has reported it
+            record = LLCRecord.from_dict(entry)
+            for hand_off in callbacks_with(trainer, "on_llc_record"):
+                hand_off(trainer, pl_module, record)
+            return
         if self.n_beta is None:
             self.n_beta = self.last_result.n_beta
             self._sink.update_config({self._key("n_beta"): self.n_beta})
@@ -390,7 +441,12 @@ class LLCMonitor(_ScheduledMonitor):
         assert self._loss_fn is not None and self._sink is not None
         options = {"on_failure": "ignore", **self.calibration}
         options.setdefault("seed", derive_seed(self.seed, step, 0, "calibrate"))
-        outcome = calibrate(pl_module, self._loss_fn, self._batches, **options)
+        # Through `attempt` and the gather: a failure on one rank fails the step on all.
+        attempted = attempt(calibrate, pl_module, self._loss_fn, self._batches, **options,
+                            rank=trainer.global_rank)  # fmt: skip
+        raise_if_any_failed(gather(attempted, trainer) if trainer.world_size > 1 else [attempted])
+        assert isinstance(attempted, Calibration)
+        outcome = attempted
         chosen = outcome.config
         if chosen is None:
             chosen = options.get("base") or SGLDConfig()
@@ -482,7 +538,7 @@ class LLCMonitor(_ScheduledMonitor):
     def _save_snapshot(self, pl_module: pl.LightningModule, step: int, config: SGLDConfig) -> None:
         assert self.snapshot_dir is not None
         weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
-        torch.save(
+        _atomic_save(
             {
                 "step": step,
                 "state_dict": weights,
@@ -496,9 +552,26 @@ class LLCMonitor(_ScheduledMonitor):
 
     def _save_data(self) -> None:
         assert self.snapshot_dir is not None
-        torch.save(move_data_to_device(self._batches, "cpu"), self.snapshot_dir / "data.pt")
+        _atomic_save(move_data_to_device(self._batches, "cpu"), self.snapshot_dir / "data.pt")
         for name, batches in self._dataset_batches.items():
-            torch.save(move_data_to_device(batches, "cpu"), self.snapshot_dir / f"data-{name}.pt")
+            _atomic_save(
+                move_data_to_device(batches, "cpu"), self.snapshot_dir / f"data-{name}.pt"
+            )
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary name in the same directory, then :func:`os.replace`.
+
+    A run killed mid-write (preemption, out of disk) then leaves either the previous file or
+    the complete new one under ``path``, never a truncated file that does not load; the
+    rename is atomic because both names are on one filesystem.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _summary(result: LLCResult) -> tuple[float, float, str]:

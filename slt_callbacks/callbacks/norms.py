@@ -9,6 +9,7 @@ from slt_callbacks.core.norms import weight_norms
 from slt_callbacks.core.restrict import Resolved, Selector, resolve_components
 
 from ._base import ScheduleLike, _ScheduledMonitor
+from ._guard import OnFailure
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -40,12 +41,16 @@ class WeightNormMonitor(_ScheduledMonitor):
         trainable_only: count only parameters with ``requires_grad=True`` (the coordinates an
             LLC is defined over).
         prefix: start of every metric key; distinct per instance.
+        on_failure: ``"warn"`` (default), ``"ignore"`` or ``"raise"``: what an error while
+            measuring does (logged as a failed step, ``slt/failures/weight_norm``, and training
+            goes on; or re-raised). Norms of NaN weights are NaN, logged as measured.
 
     Example:
         >>> monitor = WeightNormMonitor(components={"encoder": "encoder.*"}, schedule=100)
     """
 
     uses_data = False
+    failure_tag = "weight_norm"
 
     def __init__(
         self,
@@ -54,8 +59,9 @@ class WeightNormMonitor(_ScheduledMonitor):
         components: Mapping[str, Selector] | None = None,
         trainable_only: bool = True,
         prefix: str = "slt/",
+        on_failure: OnFailure = "warn",
     ) -> None:
-        super().__init__(schedule=schedule, seed=0, prefix=prefix)
+        super().__init__(schedule=schedule, seed=0, prefix=prefix, on_failure=on_failure)
         if components is not None and not isinstance(components, Mapping):
             raise ValueError(
                 "Expected argument `components` to be None or a mapping from name to selector "

@@ -21,6 +21,21 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_BATCHES = 128
 """Batches drawn into the pool when ``num_batches`` is None (one pass over ``data``, capped)."""
 
+MIN_SCALE = 1e-30
+"""Smallest scale a term of the SGLD step may have (see :data:`MAX_SCALE`)."""
+
+MAX_SCALE = 1e30
+"""Largest scale a term of the SGLD step may have.
+
+The step is -(ε/2)·(nβ·∇L + γ·(w − w*)) + σ·√ε·ξ, computed in float32 by default.
+float32's normal numbers span about 1.2e-38 to 3.4e38. The factors ε, ε·nβ, ε·γ and σ·√ε
+multiply gradients, distances and noise of order 1 (up to ~1e8 for large models or
+losses), so keeping each factor inside [1e-30, 1e30] leaves that much room on both sides
+before the product overflows to inf or underflows to 0 (``noise_level=1e-170`` gives noise
+that is exactly 0 in float32: no sampling at all, silently). Values outside are rejected
+with the fields named; nothing a real experiment needs lies outside.
+"""
+
 
 @dataclass(frozen=True, kw_only=True)
 class SGLDConfig:
@@ -102,6 +117,15 @@ class SGLDConfig:
         def store(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
+        # Names first: `dtype=[]` must say `dtype`, not fail inside a dict lookup.
+        for name in ("dtype", "autocast", "backend"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(
+                    f"Expected argument `{name}` to be a string or None but got "
+                    f"{type(value).__name__} {value!r}."
+                )
+
         store("step_size", check_number("step_size", self.step_size, strict=True))
         if self.n_beta is not None:
             store("n_beta", check_number("n_beta", self.n_beta, strict=True))
@@ -143,6 +167,38 @@ class SGLDConfig:
                     f"'auto' or None but got {self.max_memory!r}."
                 ) from None
         # -- end chains ------------------------------------------------------------------
+        self._check_step_scales()
+
+    def _check_step_scales(self) -> None:
+        """Every factor of the SGLD step within [MIN_SCALE, MAX_SCALE] (see there for why);
+        the error names each field involved."""
+        eps = self.step_size
+        terms = [
+            ("step_size", "step_size", eps, True),
+            ("step_size, noise_level", "sqrt(step_size) * noise_level (the noise scale)",
+             math.sqrt(eps) * self.noise_level, True),
+            ("step_size, localization", "step_size * localization (the pull to w*)",
+             eps * self.localization, self.localization > 0),
+        ]  # fmt: skip
+        if self.n_beta is not None:
+            terms.append(("step_size, n_beta", "step_size * n_beta (the gradient scale)",
+                          eps * self.n_beta, True))  # fmt: skip
+        if self.max_grad_norm is not None:
+            terms.append(("max_grad_norm", "max_grad_norm", self.max_grad_norm, True))
+        for fields_, what, value, has_floor in terms:
+            low = has_floor and not value >= MIN_SCALE
+            if low or not value <= MAX_SCALE:
+                values = ", ".join(f"{f.strip()}={getattr(self, f.strip())!r}"
+                                   for f in fields_.split(","))  # fmt: skip
+                expected = (
+                    f"argument `{fields_}` to be" if fields_ == what
+                    else f"SGLDConfig fields `{fields_}` to give {what}"
+                )  # fmt: skip
+                raise ValueError(
+                    f"Expected {expected} in [{MIN_SCALE:g}, {MAX_SCALE:g}] but got "
+                    f"{value:.3g} ({values}): outside that range the SGLD step overflows to "
+                    "inf or underflows to 0 in float32."
+                )
 
     @property
     def num_steps(self) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from slt_callbacks._checks import check_int, check_optional_int
 from slt_callbacks.core.functional import (
@@ -38,7 +39,13 @@ from slt_callbacks.core.functional import (
     trainable_parameters,
 )
 
-__all__ = ["TraceEstimate", "fisher_trace", "hessian_trace", "top_hessian_eigenvalue"]
+__all__ = [
+    "TraceEstimate",
+    "fisher_trace",
+    "hessian_trace",
+    "math_attention",
+    "top_hessian_eigenvalue",
+]
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,8 @@ def fisher_trace(
     with (
         module_mode(model, train=False),
         preserve_rng(next(iter(primals.values())).device),
+        # First order only, but vmap over a fused attention kernel is not supported either.
+        math_attention(),
         _pure_loss_required(),
     ):
         _check_loss(wrapper, fixed, primals, batch)
@@ -251,13 +260,31 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Route ``F.scaled_dot_product_attention`` to its plain-math implementation.
+
+    The fused kernels (flash, memory-efficient, and the CPU flash kernel PyTorch picks by
+    default) have a backward but no double backward: a Hessian-vector product through them
+    fails with ``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is
+    not implemented`` (Hugging Face GPT-2, Llama, ``nn.TransformerEncoder``...). The math
+    kernel is ordinary differentiable tensor algebra, so every order of derivative exists;
+    it is slower and uses more memory, which is the price of a correct second derivative.
+    The setting is thread-local and restored on exit, so training never sees it.
+    """
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@contextlib.contextmanager
 def _second_order(model: nn.Module, primals: dict[str, torch.Tensor]) -> Iterator[None]:
     """Where Hessian-vector products are taken: eval mode, the caller's RNG preserved, grad
-    enabled, and functorch's in-place-mutation error explained."""
+    enabled, the math attention kernel (the fused ones have no double backward), and
+    functorch's in-place-mutation error explained."""
     with (
         module_mode(model, train=False),
         preserve_rng(next(iter(primals.values())).device),
         torch.enable_grad(),
+        math_attention(),
         _pure_loss_required(),
     ):
         yield

@@ -16,6 +16,7 @@ them may change the model. The helpers here are the one place that knows how:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -154,3 +155,133 @@ def preserve_rng(device: torch.device) -> Iterator[None]:
         index = torch.get_device_module(device.type).current_device()
     with torch.random.fork_rng(devices=[index], device_type=device.type):
         yield
+
+
+# --------------------------------------------------------------------------------------------
+# Checks on the user's loss that every estimator (and every monitor, in setup) can call.
+# --------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(ValueError):
+    """The loss at the current weights w* is NaN or infinite: no estimate is defined there.
+
+    A ``ValueError`` (it used to be a plain one); its own type lets a monitor tell "the model
+    diverged at this step" from a configuration mistake and keep training going.
+    """
+
+
+SUM_REDUCTION_THRESHOLD = 1.5
+""":func:`sum_reduction_reason` flags ``(L(A) + L(B)) / L(A ∪ B)`` below this (mean: 2, sum: 1)."""
+
+
+def split_batch(batch: Any) -> tuple[Any, Any] | None:
+    """``batch`` cut into its first and second half along dim 0, or None when that is not
+    well defined (no tensor with a batch dimension, tensors that disagree on dim 0, or fewer
+    than two samples). Non-tensor leaves and 0-dim tensors go to both halves."""
+    leaves, spec = torch.utils._pytree.tree_flatten(batch)
+    batched = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    sizes = {int(leaves[i].shape[0]) for i in batched}
+    if len(sizes) != 1 or (size := sizes.pop()) < 2:
+        return None
+    half = size // 2
+    first, second = list(leaves), list(leaves)
+    for i in batched:
+        first[i], second[i] = leaves[i][:half], leaves[i][half:]
+    unflatten = torch.utils._pytree.tree_unflatten
+    return unflatten(first, spec), unflatten(second, spec)
+
+
+def sum_reduction_reason(loss_of: Callable[[Any], torch.Tensor], batch: Any) -> str | None:
+    r"""Why ``loss_of`` looks like a *sum* over the batch rather than a mean, or None.
+
+    The rule: cut ``batch`` into halves A and B (along dim 0) and compute
+
+    .. math:: r = \frac{L(A) + L(B)}{L(A \cup B)} .
+
+    For a mean over samples of equal halves :math:`r = 2` exactly (the full-batch mean is the
+    average of the two half means), for a sum :math:`r = 1` exactly, whatever the data, the
+    model or the noise in the per-sample losses: the test compares the loss with itself, not
+    with an expected value, so one batch suffices and no tolerance has to be tuned. Odd batch
+    sizes move a mean's :math:`r` only by the unequal halves (≈ 2 ± 1/size); a mean plus a
+    constant term (a weight penalty) keeps :math:`r = 2`; a sum plus a penalty lies between 1
+    and 2. Anything below the midpoint :data:`SUM_REDUCTION_THRESHOLD` = 1.5 is flagged.
+    Skipped (None) when the batch cannot be halved, a loss is not finite, or the full loss is
+    ~0 (the ratio says nothing there); a per-token mean of a language model has :math:`r = 2`
+    as well (its halves have equal token counts without padding).
+
+    Why it matters: λ̂ = nβ (E L − L(w*)) assumes L is a mean; a sum over m samples is m
+    times larger, so the posterior is m times sharper and λ̂ comes out wrong by a large factor
+    (≈ 19× on a 16-sample batch, labelled healthy), with no other symptom.
+
+    Args:
+        loss_of: ``batch -> scalar loss`` at fixed weights (no gradient needed).
+        batch: one batch, as the loss takes it.
+
+    Returns:
+        A sentence naming the ratio and what to do, or None when the loss looks like a mean.
+    """
+    halves = split_batch(batch)
+    if halves is None:
+        return None
+    full, first, second = (float(loss_of(b)) for b in (batch, *halves))
+    if not all(math.isfinite(v) for v in (full, first, second)) or abs(full) < 1e-12:
+        return None
+    ratio = (first + second) / full
+    if ratio >= SUM_REDUCTION_THRESHOLD:
+        return None
+    return (
+        f"`loss_fn` looks sum-reduced over the batch: the losses of the two halves of a batch "
+        f"add up to {ratio:.2f}× the loss of the whole batch (a mean gives 2, a sum 1). λ̂ "
+        "assumes the mean loss per sample (nβ carries the sample size); a sum makes it wrong "
+        "by about the batch size. Use a mean (e.g. reduction='mean', or divide by the batch "
+        "size)."
+    )
+
+
+def loss_depends_on_parameters(
+    wrapper: LossModule, tensors: Mapping[str, torch.Tensor], batch: Any
+) -> bool:
+    """Whether the loss on ``batch`` has a gradient path to at least one of ``tensors`` that
+    requires grad (a loss that ignores the model, or detaches it, has none). One forward, no
+    backward: nothing is written to ``.grad``."""
+    with torch.enable_grad():
+        loss = loss_at(wrapper, tensors, batch)
+    return isinstance(loss, torch.Tensor) and loss.requires_grad
+
+
+def batch_norm_reason(model: nn.Module, *, train_mode: bool | None) -> str | None:
+    """What BatchNorm layers do to an estimate in the mode it runs in, or None without them.
+
+    In eval mode (the default, ``train_mode=False``) BatchNorm normalises with its running
+    statistics: the loss is a fixed function of w, as the estimator assumes, but it is not
+    the function being trained; early in training the running statistics lag the weights,
+    the eval-mode loss at w* can sit far above the minimum the weights are near, and λ̂ can
+    read hugely negative (≈ −15,000 seen on a small CNN). In train mode BatchNorm uses each
+    batch's own statistics: the function training optimises, but a sample's loss depends on
+    the rest of its batch (and dropout is on too).
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    names = [name or type(m).__name__ for name, m in model.named_modules()
+             if isinstance(m, _BatchNorm)]  # fmt: skip
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    if train_mode:
+        mode = (
+            "It is evaluated in train mode (SGLDConfig(train_mode=True)): BatchNorm uses each "
+            "batch's own statistics, the function training optimises, but the loss of a sample "
+            "then depends on the rest of its batch and dropout is active."
+        )
+    else:
+        mode = (
+            "It is evaluated in eval mode: BatchNorm normalises with its running statistics, a "
+            "fixed function of w but not the one being trained; while the running statistics "
+            "lag the weights (early in training) the loss at w* is not at a minimum of that "
+            "function and λ̂ can read hugely negative (≈ -15,000 seen on a small CNN)."
+        )
+    return (
+        f"The model has BatchNorm layers ({shown}). {mode} Choose with "
+        "SGLDConfig(train_mode=...): False (default) once the running statistics have settled "
+        "(λ̂ of the model you would deploy), True to measure the function being trained."
+    )

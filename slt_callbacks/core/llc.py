@@ -32,10 +32,13 @@ from .diagnostics import ChainSummary, HealthCriteria, Status, assess
 from .functional import (
     LossFn,
     LossModule,
+    NonFiniteLossError,
     check_model_and_loss,
     frozen_tensors,
+    loss_at,
     module_mode,
     preserve_rng,
+    sum_reduction_reason,
     trainable_parameters,
 )
 from .restrict import Selector, resolve_components
@@ -279,6 +282,7 @@ def estimate_llc(
         batch_losses = evaluate_loss(run.problem.wrapper, run.tensors_at_w_star,
                                      run.problem.pool, run.problem.autocast)
         _check_init_loss(float(batch_losses.mean()))
+        _warn_if_sum_reduced(run)
         traces = _run(run, config)
     result = _summarise(traces, batch_losses.cpu(), run, config, criteria,
                         time.perf_counter() - start)
@@ -372,10 +376,22 @@ def _sampling_context(model: nn.Module, config: SGLDConfig, run: _Prepared) -> I
 
 def _check_init_loss(init_loss: float) -> None:
     if not math.isfinite(init_loss):
-        raise ValueError(
+        # NonFiniteLossError (a ValueError): a monitor records it as a failed step.
+        raise NonFiniteLossError(
             f"The loss at the current weights is {init_loss} on `data`; the LLC is "
             "undefined at a non-finite loss."
         )
+
+
+def _warn_if_sum_reduced(run: _Prepared) -> None:
+    """A sum-reduced loss makes λ̂ wrong by about the batch size (issue #8)."""
+    with torch.no_grad():
+        reason = sum_reduction_reason(
+            lambda b: loss_at(run.problem.wrapper, run.tensors_at_w_star, b),
+            run.problem.pool.batch(0),
+        )
+    if reason is not None:
+        warnings.warn(f"estimate_llc: {reason}", stacklevel=3)
 
 
 def _run(run: _Prepared, config: SGLDConfig) -> ChainTraces:

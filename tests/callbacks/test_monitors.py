@@ -228,6 +228,10 @@ def per_sample_loss(model, batch):
     return (model(batch[0]) - batch[1]).pow(2).squeeze(-1)
 
 
+def ignores_the_model(model, batch):
+    return batch[1].square().mean()
+
+
 @pytest.mark.parametrize(
     ("monitor", "trainer_kwargs", "error", "match"),
     [
@@ -281,6 +285,22 @@ def per_sample_loss(model, batch):
             {},
             ValueError,
             r"expected `data` to yield at least one batch",
+        ),
+        # Issue #8: whatever the schedule. Before, this failed only at the first estimate
+        # (step 5 here, after 5 training steps; step 1000 with schedule=[1000]).
+        (
+            lambda: LLCMonitor(config=FAST, schedule=[5], loss_fn=ignores_the_model),
+            {},
+            ValueError,
+            r"LLCMonitor \(first batch of `data`\): the loss returned by `loss_fn` does not "
+            r"depend on any trainable parameter",
+        ),
+        # Before, the Hessian monitor logged 0.0 for such a loss, silently.
+        (
+            lambda: HessianTraceMonitor(schedule=[5], loss_fn=ignores_the_model),
+            {},
+            ValueError,
+            r"HessianTraceMonitor .* does not depend on any trainable parameter",
         ),
     ],
 )
@@ -547,3 +567,237 @@ def test_state_dicts_are_plain_and_load_with_weights_only(tmp_path):
     assert roundtrip(monitors[0].state_dict())["config"] == FAST.to_dict()
     with pytest.warns(UserWarning, match=r"differs from this monitor's .* not comparable"):
         LLCMonitor().load_state_dict(monitors[0].state_dict())
+
+
+# -- issue #8: no fault of ours stops a training run ----------------------------------------------
+
+
+class PoisonAt(Callback):
+    """Turns one weight NaN after optimizer step ``step``: the run diverged from there on
+    (a training loss that turns NaN mid-run). Training itself goes on, with NaN weights."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.net[0].weight[0, 0] = math.nan
+
+
+def our_warnings(caught, text):
+    return [str(w.message) for w in caught if text in str(w.message)]
+
+
+def test_a_loss_that_turns_nan_mid_run_is_a_failed_step_not_a_dead_run(tmp_path):
+    # Before: `ValueError: The loss at the current weights is nan` from LLCMonitor ended fit.
+    llc = LLCMonitor(config=FAST, schedule=[0, 3, 5])
+    hessian = HessianTraceMonitor(schedule=[0, 3, 5], num_probes=2)
+    norms = WeightNormMonitor(schedule=[0, 3, 5])
+    trainer = make_trainer(tmp_path, [PoisonAt(2), llc, hessian, norms], max_steps=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyRegressor(), loader())
+    assert trainer.global_step == 6  # training went to the end
+    assert [h["status"] for h in llc.history][1:] == ["failed", "failed"]
+    assert [f["kind"] for f in llc.failures] == ["nonfinite_loss"] * 2
+    assert [f["step"] for f in hessian.failures] == [3, 5]
+    assert hessian.history[1]["status"] == "failed"
+    assert math.isnan(hessian.history[1]["hessian_trace"])
+    assert "loss at the current weights is nan" in llc.failures[0]["reason"]
+    # Warned once per kind, not once per step.
+    assert len(our_warnings(caught, "LLCMonitor: the measurement at step 3 failed")) == 1
+    assert our_warnings(caught, "LLCMonitor: the measurement at step 5") == []
+    assert len(our_warnings(caught, "HessianTraceMonitor: the measurement at step 3")) == 1
+    # Visible in the logger: NaN λ̂, status code 6, a counter of failures per monitor.
+    rows = csv_rows(trainer)
+    assert rows_with(rows, "slt/failures/llc") == [(3, 1.0), (5, 2.0)]
+    assert rows_with(rows, "slt/failures/hessian") == [(3, 1.0), (5, 2.0)]
+    assert [v for s, v in rows_with(rows, "slt/diag/status_code") if s > 0] == [6.0, 6.0]
+    assert all(math.isnan(v) for s, v in rows_with(rows, "slt/llc") if s > 0)
+    # The failures survive a checkpoint.
+    resumed = LLCMonitor(config=FAST)
+    resumed.load_state_dict(roundtrip(llc.state_dict()))
+    assert resumed.failures == llc.failures
+
+
+def test_on_failure_raise_keeps_the_old_behaviour(tmp_path):
+    for monitor, error in [
+        (LLCMonitor(config=FAST, schedule=[3], on_failure="raise"), "loss at the current"),
+        (HessianTraceMonitor(schedule=[3], on_failure="raise"), "not finite"),
+    ]:
+        trainer = make_trainer(tmp_path, [PoisonAt(2), monitor], max_steps=6)
+        with pytest.raises(ValueError, match=error):
+            fit_quietly(trainer, TinyRegressor(), loader())
+        assert trainer.global_step == 3
+    with pytest.raises(ValueError, match=r"`on_failure` to be 'warn', 'raise' or 'ignore'"):
+        WeightNormMonitor(on_failure="skip")
+
+
+def test_any_runtime_error_inside_a_measurement_is_caught_with_its_reason(tmp_path):
+    class Flaky(Callback):
+        """Fine for the setup checks, then raises the way an unsupported kernel does."""
+
+        armed = False
+
+        def on_train_batch_start(self, *args):
+            self.armed = True
+
+        def __call__(self, model, batch):
+            if self.armed:
+                raise RuntimeError("derivative for aten::fancy_kernel_backward is not implemented")
+            return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    flaky = Flaky()
+    monitor = HessianTraceMonitor(schedule=[2], loss_fn=flaky, on_failure="ignore")
+    trainer = make_trainer(tmp_path, [monitor, flaky], max_steps=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*measurement at step")  # "ignore": silent
+        trainer.fit(TinyRegressor(), loader())
+    (failure,) = monitor.failures
+    assert failure["kind"] == "no_double_backward" and "fancy_kernel" in failure["reason"]
+
+    class TypeBug(Flaky):
+        def __call__(self, model, batch):
+            if self.armed:
+                raise TypeError("a bug in user code is not swallowed")
+            return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    bug = TypeBug()
+    trainer = make_trainer(tmp_path, [HessianTraceMonitor(schedule=[2], loss_fn=bug), bug])
+    with pytest.raises(TypeError, match="not swallowed"):
+        trainer.fit(TinyRegressor(), loader())
+
+
+# -- issue #8: schedules fire on the first optimizer step at or after each scheduled step -------
+
+
+class TwoOptimizers(TinyRegressor):
+    """Manual optimization with one optimizer per layer: global_step moves by 2 per batch."""
+
+    def __init__(self):
+        super().__init__(dropout=0.0)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        loss = nn.functional.mse_loss(self(batch[0]), batch[1])
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+            opt.zero_grad()
+        return loss
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.05),
+                torch.optim.SGD(self.net[3].parameters(), lr=0.05)]  # fmt: skip
+
+
+def mse(model, batch):
+    return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+def test_manual_optimization_with_two_optimizers_serves_every_scheduled_step(tmp_path):
+    # Before: global_step 0, 2, 4, ... never equals 1, 3, 5, so these measured only step 0,
+    # and the default log schedule lost its odd steps.
+    odd = WeightNormMonitor(schedule=[0, 1, 3, 5])
+    default = WeightNormMonitor(prefix="slt/default/")
+    llc = LLCMonitor(config=FAST, schedule=[3], loss_fn=mse)
+    trainer = make_trainer(tmp_path, [odd, default, llc], max_steps=14)
+    fit_quietly(trainer, TwoOptimizers(), loader())
+    assert trainer.global_step == 14
+    assert [h["step"] for h in odd.history] == [0, 2, 4, 6]
+    assert [h["step"] for h in default.history] == [0, 2, 4, 6, 8, 10, 14]  # 1..13 served
+    assert [h["step"] for h in llc.history] == [4]
+    # The pointer is checkpointed: a resumed monitor does not re-serve step 5.
+    resumed = WeightNormMonitor(schedule=[0, 1, 3, 5, 9])
+    resumed.load_state_dict(roundtrip(odd.state_dict()))
+    assert resumed._next_due is None  # [0, 1, 3, 5] is exhausted
+    legacy = {"history": odd.history, "last_step": 4}  # a checkpoint without the pointer
+    resumed.load_state_dict(legacy)
+    assert resumed._next_due == 5
+
+
+def test_accumulation_still_measures_once_per_optimizer_step(tmp_path):
+    monitor = WeightNormMonitor(schedule=[0, 1, 3])
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4, accumulate_grad_batches=3)
+    trainer.fit(TinyRegressor(), loader())
+    assert [h["step"] for h in monitor.history] == [0, 1, 3]
+
+
+# -- issue #8: checks before the first step, snapshots, BatchNorm ---------------------------------
+
+
+def summed_mse(model, batch):
+    return nn.functional.mse_loss(model(batch[0]), batch[1], reduction="sum")
+
+
+def test_a_sum_reduced_loss_is_flagged_before_the_first_step(tmp_path):
+    # Before: λ̂ ~ 16x too large (batch size 16), labelled healthy, with no hint.
+    counter = StepCounter()
+
+    class Halt(Exception):
+        pass
+
+    class Stop(Callback):
+        def on_train_start(self, trainer, pl_module):
+            raise Halt  # after the monitors' checks, before any step
+
+    monitor = LLCMonitor(config=FAST, schedule=[1000], loss_fn=summed_mse)
+    trainer = make_trainer(tmp_path, [monitor, Stop(), counter], max_steps=2000)
+    with (
+        pytest.warns(UserWarning, match=r"LLCMonitor \(first batch of `data`\): `loss_fn` "
+                     r"looks sum-reduced .* add up to 1\.00× .* Use a mean"),
+        pytest.raises(Halt),
+    ):  # fmt: skip
+        trainer.fit(TinyRegressor(), loader())
+    assert counter.batches == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*sum-reduced")
+        trainer = make_trainer(tmp_path, [LLCMonitor(config=FAST, schedule=[0], loss_fn=mse)],
+                               max_steps=1)  # fmt: skip
+        fit_quietly(trainer, TinyRegressor(), loader())
+
+
+def test_batch_norm_models_are_told_what_the_mode_does(tmp_path):
+    class WithBatchNorm(TinyRegressor):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                     nn.Linear(8, 1))  # fmt: skip
+
+    trainer = make_trainer(tmp_path, [LLCMonitor(config=FAST, schedule=[0])], max_steps=1)
+    with pytest.warns(UserWarning, match=r"LLCMonitor: The model has BatchNorm layers \(net\.1\)"
+                      r"\. It is evaluated in eval mode: .*running statistics.*-15,000.*"
+                      r"SGLDConfig\(train_mode=\.\.\.\)"):  # fmt: skip
+        fit_quietly(trainer, WithBatchNorm(), loader())
+    config = replace(FAST, train_mode=True)
+    trainer = make_trainer(tmp_path, [LLCMonitor(config=config, schedule=[0])], max_steps=1)
+    with pytest.warns(UserWarning, match=r"train mode \(SGLDConfig\(train_mode=True\)\)"):
+        fit_quietly(trainer, WithBatchNorm(), loader())
+
+
+def test_snapshots_are_written_atomically(tmp_path, monkeypatch):
+    # Before: torch.save wrote straight to step_*.pt, so a kill mid-write left a truncated
+    # file that does not load (and an OSError from a full disk ended the run).
+    snapshots = tmp_path / "snapshots"
+    real_save = torch.save
+
+    def dies_mid_write(obj, f, *args, **kwargs):
+        if "step_00000003" in str(f):
+            Path(f).write_bytes(b"PK\x03\x04 half a zip")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    monitor = LLCMonitor(config=FAST, schedule=[0, 3, 5], snapshot_dir=snapshots)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_quietly(trainer, TinyRegressor(), loader())
+    assert trainer.global_step == 5
+    names = sorted(p.name for p in snapshots.iterdir())
+    assert names == ["data.pt", "step_00000000.pt", "step_00000005.pt"]  # nothing half-written
+    for name in names:
+        torch.load(snapshots / name, weights_only=True)
+    assert [(f["step"], f["kind"]) for f in monitor.failures] == [(3, "io_error")]
+    assert our_warnings(caught, "No space left on device")

@@ -362,3 +362,41 @@ def test_a_loss_that_mutates_a_buffer_gets_an_actionable_error():
     with pytest.raises(RuntimeError, match="updates module state in place"):
         hessian_trace(model, counting_loss, torch.randn(8, 3), num_probes=2,
                       generator=torch.Generator().manual_seed(0))
+
+
+# -- attention kernels without a double backward (issue #8) -----------------------------------
+
+
+class SdpaBlock(nn.Module):
+    """One causal self-attention layer through ``F.scaled_dot_product_attention``, which on a
+    CPU picks the fused flash kernel: it has a backward but no double backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 4).unbind(2)  # (batch, seq, head, d)
+        h = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        return self.out(h.transpose(1, 2).reshape(*x.shape[:2], 8)).mean(1)
+
+
+def test_hessian_and_fisher_run_through_fused_attention_kernels():
+    # Failed before the math kernel was forced: "derivative for
+    # aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented".
+    torch.manual_seed(0)
+    model = SdpaBlock()
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(4, 5, 8, generator=g), torch.randn(4, 1, generator=g))
+    est = hessian_trace(model, mse, batch, num_probes=64, generator=gen())
+    assert math.isfinite(est.value)
+    # The oracle: the exact trace, whose double backward also needs the math kernel.
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        exact = float(torch.diagonal(exact_hessian(model, mse, batch)).sum())
+    assert abs(est.value - exact) <= 4 * est.stderr + 1e-6
+    assert math.isfinite(fisher_trace(model, mse, batch).value)
+    # The kernel choice is restored: training code sees the default backends again.
+    assert torch.backends.cuda.flash_sdp_enabled()
