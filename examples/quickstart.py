@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     values = ", ".join(f"{s:g}" for s in problem.singular_values)
     plot_run(rows, result["stages"].events, png, loss_key="dataset_loss",
              title=f"Saddle-to-saddle: deep linear network {widths}, teacher singular values "
-                   f"{values}; dotted: loss drops; solid: stage events",
+                   f"{values}\ndotted: loss drops (one per mode); solid: stage events",
              true_lambda=problem.true_lambda,
              reference_steps=[d for d in result["drop_steps"] if d is not None])  # fmt: skip
     print(f"Plot: {png}")

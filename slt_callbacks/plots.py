@@ -195,13 +195,15 @@ def plot_run(
     ``loss_key``, ``<prefix>llc`` (± ``<prefix>llc_std``), ``<prefix>weight_norm`` and
     ``<prefix>hessian_trace`` (± ``<prefix>hessian_trace_stderr``) is present gets a panel.
 
-    λ̂ is drawn on a symmetric-log axis (linear within ±1, logarithmic beyond), because on a
-    plateau of the loss the weights sit near a saddle and λ̂ reads large and negative
-    (hundreds to thousands) before it jumps up by orders of magnitude when the next feature is
-    learned. Only healthy estimates are complexities: they are filled dots joined by a line;
-    ``not_a_minimum`` estimates (w* is not a local minimum) are hollow circles, other
-    unhealthy ones crosses. The status comes from ``<prefix>diag/status_code`` (or a
-    ``"status"`` entry of the row); error bars are the chain-to-chain std.
+    The loss is drawn on a log axis (at most six decades below its maximum). λ̂ is drawn on a
+    symmetric-log axis (linear within ±1, logarithmic beyond), because on a plateau of the
+    loss the weights sit near a saddle and λ̂ reads large and negative (hundreds to
+    thousands) before it jumps up by orders of magnitude when the next feature is learned. A
+    thin line joins every estimate, so the staircase shows; only healthy estimates are
+    complexities: they are filled dots, ``not_a_minimum`` estimates (w* is not a local
+    minimum) hollow circles, other unhealthy ones crosses. The status comes from
+    ``<prefix>diag/status_code`` (or a ``"status"`` entry of the row); error bars are the
+    chain-to-chain std.
 
     Args:
         rows: the logged rows; a row needs ``"step"``.
@@ -234,8 +236,11 @@ def plot_run(
             f"'{prefix}weight_norm', '{prefix}hessian_trace' but found none."
         )
     figure_cls = _figure_class()
-    fig = figure_cls(figsize=(8.0, 2.1 * len(panels) + 0.8), layout="constrained")
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    # λ̂ gets the most room: its symlog axis spans many decades of both signs.
+    heights = {"loss": 1.0, "llc": 1.5, "weight_norm": 0.8, "hessian_trace": 0.8}
+    ratios = [heights[p] for p in panels]
+    fig = figure_cls(figsize=(8.0, 1.9 * sum(ratios) + 0.9), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False, height_ratios=ratios)[:, 0]
     by_panel = dict(zip(panels, axes, strict=True))
     if "loss" in by_panel:
         ax = by_panel["loss"]
@@ -243,6 +248,10 @@ def plot_run(
         ax.plot(steps, values, color="black", linewidth=1.2)
         if values and min(values) > 0:
             ax.set_yscale("log")
+            if min(values) < 1e-6 * max(values):
+                # Six decades are enough to read the plateaus; a loss that converges to
+                # round-off would squeeze them into the top of the panel.
+                ax.set_ylim(bottom=1e-6 * max(values))
         ax.set_ylabel("training loss")
     if "llc" in by_panel:
         _draw_llc(by_panel["llc"], series["llc"], true_lambda)
