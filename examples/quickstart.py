@@ -126,8 +126,8 @@ def run(
     Returns:
         ``{"model", "trainer", "llc", "stages", "norms", "hessian", "drop_steps",
         "seconds"}``: the monitors (with their ``history`` / ``events``), the true loss-drop
-        steps (:func:`~slt_callbacks.reference.loss_drop_steps` on the training loss) and the
-        wall time of ``fit``.
+        steps (:func:`~slt_callbacks.reference.loss_drop_steps` on the loss over the whole
+        training set) and the wall time of ``fit``.
     """
     out = Path(out)
     # Dense and log-spaced (16 per decade): stages in log(step) are a few checkpoints long,
@@ -157,7 +157,7 @@ def run(
     start = time.perf_counter()
     with warnings.catch_warnings():
         # On every plateau the estimate says "w* is not a local minimum" (it is a saddle);
-        # that is expected here, and the status column of the table shows it instead.
+        # that is expected here, and the plateau table and the plot show the statuses instead.
         warnings.filterwarnings("ignore", message="LLCMonitor at step")
         trainer.fit(model, loader)
     seconds = time.perf_counter() - start
