@@ -209,6 +209,7 @@ def head_components(model: InductionTransformer) -> dict[str, Any]:
                 model,
                 f"layers.{index}.qkv",
                 num_heads=model.hparams.num_heads,
+                layout="grouped",
                 out_proj_name=f"layers.{index}.out",
                 prefix=f"L{index}",
             )

@@ -112,7 +112,7 @@ class LLCMonitor(_ScheduledMonitor):
             int (every n steps) or None (log-spaced, 8 per decade).
         components: weight-restricted λ̂: ``{name: selector}`` with a glob over parameter
             names (``"layers.0.*"``), a list of globs, or ``{parameter_name: bool mask}``
-            (e.g. from :func:`~slt_callbacks.attention_head_components`).
+            (e.g. from :func:`~slt_callbacks.head_components`).
         datasets: data-restricted λ̂: ``{name: DataLoader or list of batches}``; each is read
             once at the start of training and reused.
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of ``batch``; default the

@@ -11,6 +11,7 @@ from .calibrate import (
 from .config import SGLDConfig
 from .curvature import TraceEstimate, fisher_trace, hessian_trace, top_hessian_eigenvalue
 from .diagnostics import HealthCriteria, Status
+from .heads import head_components, layer_components
 from .llc import LLCEstimationError, LLCResult, estimate_llc, merge_results
 from .norms import weight_norms
 from .restrict import attention_head_components, fused_qkv_head_components, resolve_components
@@ -32,7 +33,9 @@ __all__ = [
     "estimate_llc",
     "fisher_trace",
     "fused_qkv_head_components",
+    "head_components",
     "hessian_trace",
+    "layer_components",
     "merge_results",
     "resolve_components",
     "top_hessian_eigenvalue",

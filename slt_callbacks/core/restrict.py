@@ -15,19 +15,23 @@ A selector may be
 
 :func:`resolve_components` turns selectors into :data:`Resolved` components: for each
 parameter the component touches, ``None`` (the whole tensor) or a boolean mask.
-:func:`attention_head_components` and :func:`fused_qkv_head_components` build one
-component per attention head.
+:func:`~slt_callbacks.head_components` (in :mod:`.heads`) builds one component per
+attention head of the architectures it recognises; :func:`attention_head_components` (one
+``nn.MultiheadAttention``) and :func:`fused_qkv_head_components` (a fused QKV of your own, with
+an explicit ``layout``) remain for single modules.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .._checks import check_int
+from . import heads as _heads
 
 Selector = str | Sequence[str] | Mapping[str, torch.Tensor]
 """A glob, a list of globs, or ``{parameter_name: bool mask}``."""
@@ -160,15 +164,21 @@ def attention_head_components(
 ) -> dict[str, Resolved]:
     """One component per head of the :class:`torch.nn.MultiheadAttention` at ``module_name``.
 
-    Head ``h`` owns rows ``h*d:(h+1)*d`` of each of the Q, K and V blocks of
-    ``in_proj_weight`` (and ``in_proj_bias``), or of ``q_proj_weight``/``k_proj_weight``/
-    ``v_proj_weight`` when ``kdim``/``vdim`` differ, and, with ``include_output``, columns
-    ``h*d:(h+1)*d`` of ``out_proj.weight``. The output bias is shared by all heads and belongs
-    to none.
+    Prefer :func:`~slt_callbacks.head_components`, which finds every attention module of the
+    model itself; this names one module and keeps its own naming. Head ``h`` owns rows
+    ``h*d:(h+1)*d`` of each of the Q, K and V blocks of ``in_proj_weight`` (and
+    ``in_proj_bias``), or of ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when
+    ``kdim``/``vdim`` differ, its slice of ``bias_k``/``bias_v`` (``add_bias_kv``), and, with
+    ``include_output``, columns ``h*d:(h+1)*d`` of ``out_proj.weight``. The output bias is
+    shared by all heads and belongs to none. The masks are those of
+    :func:`~slt_callbacks.head_components` (one builder, proven by its oracle test).
 
     Returns:
         ``{f"{prefix}.head{h}": {parameter_name: mask}}`` with ``prefix`` defaulting to
         ``module_name``; usable directly as ``components=``.
+
+    Raises:
+        ValueError: no submodule ``module_name``, or it is not an ``nn.MultiheadAttention``.
 
     Example:
         >>> mha = nn.MultiheadAttention(8, num_heads=2)
@@ -177,34 +187,13 @@ def attention_head_components(
         ['attn.head0', 'attn.head1']
     """
     module = _get_submodule(model, module_name, nn.MultiheadAttention)
-    num_heads, embed = module.num_heads, module.embed_dim
-    head_dim = embed // num_heads
+    parts = ("q", "k", "v", "o") if include_output else ("q", "k", "v")
     prefix = module_name if prefix is None else prefix
     full = f"{module_name}." if module_name else ""
     out: dict[str, Resolved] = {}
+    num_heads, head = _heads._torch_mha(module)
     for h in range(num_heads):
-        rows = slice(h * head_dim, (h + 1) * head_dim)
-        masks: Resolved = {}
-        if module.in_proj_weight is not None:
-            w = torch.zeros_like(module.in_proj_weight, dtype=torch.bool)
-            for block in range(3):
-                w[block * embed + rows.start : block * embed + rows.stop] = True
-            masks[f"{full}in_proj_weight"] = w
-        else:
-            for which in ("q", "k", "v"):
-                weight = getattr(module, f"{which}_proj_weight")
-                w = torch.zeros_like(weight, dtype=torch.bool)
-                w[rows] = True
-                masks[f"{full}{which}_proj_weight"] = w
-        if module.in_proj_bias is not None:
-            b = torch.zeros_like(module.in_proj_bias, dtype=torch.bool)
-            for block in range(3):
-                b[block * embed + rows.start : block * embed + rows.stop] = True
-            masks[f"{full}in_proj_bias"] = b
-        if include_output:
-            o = torch.zeros_like(module.out_proj.weight, dtype=torch.bool)
-            o[:, rows] = True
-            masks[f"{full}out_proj.weight"] = o
+        masks: Resolved = {f"{full}{n}": m for n, m in _heads.merge_parts(head(h), parts).items()}
         out[f"{prefix}.head{h}"] = _keep_trainable(model, masks)
     return out
 
@@ -217,27 +206,72 @@ def fused_qkv_head_components(
     num_kv_heads: int | None = None,
     out_proj_name: str | None = None,
     prefix: str | None = None,
+    layout: str | None = None,
 ) -> dict[str, Resolved]:
-    """One component per query head of a fused QKV :class:`torch.nn.Linear`.
+    """One component per query head of a fused QKV :class:`torch.nn.Linear` of your own model.
 
-    The fused weight's rows are laid out ``[Q (num_heads*d) | K (num_kv_heads*d) |
-    V (num_kv_heads*d)]`` (GPT-2 style ``c_attn`` after transposition, Llama-style fused
-    ``qkv_proj``). With grouped-query attention (``num_kv_heads < num_heads``) query head
-    ``h`` shares the K/V rows of group ``h // (num_heads // num_kv_heads)``; those rows then
-    belong to every head of the group. With ``out_proj_name``, head ``h`` also owns columns
-    ``h*d:(h+1)*d`` of that linear layer's weight.
+    For the architectures :func:`~slt_callbacks.head_components` recognises (GPT-2, GPT-NeoX,
+    Llama-style, Phi-3, TransformerLens, torch), use that instead: it reads the layout and the
+    head counts off the model. This function is for your own attention module, and it cannot
+    see how your ``forward`` splits the projection's outputs, so say it with ``layout``:
+
+    - ``"grouped"``: rows ``[Q (num_heads*d) | K (num_kv_heads*d) | V (num_kv_heads*d)]``,
+      i.e. ``q, k, v = qkv(x).split(...)`` or ``.view(..., 3, heads, d)``;
+    - ``"interleaved"``: rows per head ``[q_h, k_h, v_h]``, i.e. ``.view(..., heads, 3*d)``
+      then ``chunk(3, dim=-1)`` (GPT-NeoX); no grouped-query attention.
+
+    With grouped-query attention (``num_kv_heads < num_heads``) query head ``h`` shares the
+    K/V rows of group ``h // (num_heads // num_kv_heads)``; those rows then belong to every
+    head of the group. With ``out_proj_name``, head ``h`` also owns columns ``h*d:(h+1)*d``
+    of that linear layer's weight.
+
+    Checks that keep a wrong layout from passing silently: the module must be an
+    ``nn.Linear`` whose width is ``(num_heads + 2*num_kv_heads) * d``; an unfused projection
+    (``q_proj`` next to ``k_proj``/``v_proj``) and the fused projection of an architecture
+    :func:`~slt_callbacks.head_components` knows with another layout are refused; head counts
+    and widths that the enclosing module declares (``num_heads``, ``head_dim``, ...) must match.
 
     Raises:
-        ValueError: the module is not a Linear, or the head counts do not divide its width.
+        ValueError: any of the checks above fails, or ``layout`` is unknown.
+
+    Warns:
+        FutureWarning: ``layout`` omitted; ``"grouped"`` is assumed for now (it used to be
+        implicit) and omitting it will become an error.
     """
+    if layout is None:
+        warnings.warn(
+            "fused_qkv_head_components: pass layout='grouped' ([Q | K | V] rows) or "
+            "layout='interleaved' (per head [q, k, v], GPT-NeoX); 'grouped' is assumed, and "
+            "omitting `layout` will become an error. For Hugging Face, TransformerLens and "
+            "torch models use head_components(model), which reads the layout off the model.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        layout = "grouped"
+    if layout not in _heads.FUSED_LAYOUTS:
+        raise ValueError(
+            f"Expected argument `layout` to be one of {list(_heads.FUSED_LAYOUTS)} but got "
+            f"{layout!r}."
+        )
     num_heads = check_int("num_heads", num_heads)
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if not isinstance(num_kv_heads, int) or num_kv_heads < 1 or num_heads % num_kv_heads:
+    if (
+        isinstance(num_kv_heads, bool)
+        or not isinstance(num_kv_heads, int)
+        or num_kv_heads < 1
+        or num_heads % num_kv_heads
+    ):
         raise ValueError(
             f"Expected `num_kv_heads` to be a positive divisor of num_heads={num_heads} but "
             f"got {num_kv_heads!r}."
         )
+    if layout == "interleaved" and num_kv_heads != num_heads:
+        raise ValueError(
+            f"`layout='interleaved'` has one key/value head per query head, but got "
+            f"num_kv_heads={num_kv_heads} != num_heads={num_heads}."
+        )
     qkv = _get_submodule(model, qkv_name, nn.Linear)
+    _refuse_known_attention(model, qkv_name, layout)
     rows_total = qkv.out_features
     units = num_heads + 2 * num_kv_heads
     if rows_total % units:
@@ -246,38 +280,80 @@ def fused_qkv_head_components(
             f"2*num_kv_heads) * head_dim for num_heads={num_heads}, num_kv_heads={num_kv_heads}."
         )
     head_dim = rows_total // units
-    group = num_heads // num_kv_heads
-    k_off, v_off = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
+    _check_declared_heads(model, qkv_name, num_heads, num_kv_heads, head_dim)
     out_proj = _get_submodule(model, out_proj_name, nn.Linear) if out_proj_name else None
+    if out_proj is not None and out_proj.in_features != num_heads * head_dim:
+        raise ValueError(
+            f"`{out_proj_name}` has in_features={out_proj.in_features} but "
+            f"num_heads*head_dim = {num_heads * head_dim}."
+        )
     prefix = qkv_name if prefix is None else prefix
     out: dict[str, Resolved] = {}
     for h in range(num_heads):
-        g = h // group
-        row_sets = [
-            slice(h * head_dim, (h + 1) * head_dim),
-            slice(k_off + g * head_dim, k_off + (g + 1) * head_dim),
-            slice(v_off + g * head_dim, v_off + (g + 1) * head_dim),
-        ]
-        w = torch.zeros_like(qkv.weight, dtype=torch.bool)
-        for rows in row_sets:
-            w[rows] = True
-        masks: Resolved = {f"{qkv_name}.weight": w}
+        spans = _heads.fused_qkv_spans(layout, h, num_heads, num_kv_heads, head_dim).values()
+        masks: Resolved = {f"{qkv_name}.weight": _heads._span_mask(qkv.weight, 0, *spans)}
         if qkv.bias is not None:
-            b = torch.zeros_like(qkv.bias, dtype=torch.bool)
-            for rows in row_sets:
-                b[rows] = True
-            masks[f"{qkv_name}.bias"] = b
+            masks[f"{qkv_name}.bias"] = _heads._span_mask(qkv.bias, 0, *spans)
         if out_proj is not None:
-            if out_proj.in_features != num_heads * head_dim:
-                raise ValueError(
-                    f"`{out_proj_name}` has in_features={out_proj.in_features} but "
-                    f"num_heads*head_dim = {num_heads * head_dim}."
-                )
-            o = torch.zeros_like(out_proj.weight, dtype=torch.bool)
-            o[:, h * head_dim : (h + 1) * head_dim] = True
-            masks[f"{out_proj_name}.weight"] = o
+            cols = (h * head_dim, (h + 1) * head_dim)
+            masks[f"{out_proj_name}.weight"] = _heads._span_mask(out_proj.weight, 1, cols)
         out[f"{prefix}.head{h}"] = _keep_trainable(model, masks)
     return out
+
+
+_UNFUSED = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v")
+
+
+def _parent(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+    return parent_name, model.get_submodule(parent_name)
+
+
+def _refuse_known_attention(model: nn.Module, qkv_name: str, layout: str) -> None:
+    """Refuse an unfused projection, and a known architecture's projection read wrongly."""
+    parent_name, parent = _parent(model, qkv_name)
+    leaf = qkv_name.rsplit(".", 1)[-1]
+    siblings = [
+        n for n in _UNFUSED if n != leaf and isinstance(getattr(parent, n, None), nn.Linear)
+    ]
+    if leaf in _UNFUSED and siblings:
+        raise ValueError(
+            f"`{qkv_name}` is an unfused projection (next to {siblings}), not a fused QKV; "
+            "use head_components(model), or build the masks by hand."
+        )
+    for known in _heads.LAYOUTS:
+        if known.detect(parent):
+            expected = {"hf_gpt_neox": "interleaved", "hf_phi3": "grouped"}.get(known.name)
+            if expected != layout:
+                raise ValueError(
+                    f"`{qkv_name}` belongs to {parent_name!r}, a {known.description}"
+                    + (f", whose layout is {expected!r}, not {layout!r}" if expected else "")
+                    + "; use head_components(model), which reads the layout off the model."
+                )
+
+
+def _check_declared_heads(
+    model: nn.Module, qkv_name: str, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    """Head counts and widths the enclosing module declares must match the arguments."""
+    parent_name, parent = _parent(model, qkv_name)
+    heads_found = _heads._count(
+        parent, ("num_heads", "num_attention_heads", "n_heads", "n_head"), ("num_attention_heads",)
+    )
+    kv_found = _heads._count(
+        parent, ("num_key_value_heads", "num_kv_heads"), ("num_key_value_heads",)
+    )
+    declared = {
+        "num_heads": (heads_found, num_heads),
+        "num_kv_heads": (kv_found, num_kv_heads),
+        "head_dim": (_heads._int_attr(parent, ("head_dim", "head_size")), head_dim),
+    }
+    for what, (found, given) in declared.items():
+        if found is not None and found != given:
+            raise ValueError(
+                f"`{qkv_name}`: its module {parent_name!r} declares {what}={found}, but the "
+                f"arguments give {what}={given}; check num_heads, num_kv_heads and layout."
+            )
 
 
 def _get_submodule(model: nn.Module, name: str, kind: type[nn.Module]) -> nn.Module:

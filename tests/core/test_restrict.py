@@ -11,6 +11,7 @@ from slt_callbacks import (
     attention_head_components,
     estimate_llc,
     fused_qkv_head_components,
+    head_components,
     resolve_components,
 )
 
@@ -28,7 +29,7 @@ def test_fused_qkv_heads_with_grouped_query_attention():
     rows of group h // 2, and its output columns."""
     model = nn.ModuleDict({"blk": Block()})
     comps = fused_qkv_head_components(
-        model, "blk.qkv", num_heads=4, num_kv_heads=2, out_proj_name="blk.out"
+        model, "blk.qkv", num_heads=4, num_kv_heads=2, out_proj_name="blk.out", layout="grouped"
     )
     assert list(comps) == [f"blk.qkv.head{h}" for h in range(4)]
     for h, mask in enumerate(comps.values()):
@@ -47,14 +48,90 @@ def test_fused_qkv_heads_with_grouped_query_attention():
 
 def test_fused_qkv_bad_head_counts():
     model = nn.ModuleDict({"blk": Block()})
+    grouped = dict(layout="grouped")
     with pytest.raises(ValueError, match="num_kv_heads"):
-        fused_qkv_head_components(model, "blk.qkv", num_heads=4, num_kv_heads=3)
+        fused_qkv_head_components(model, "blk.qkv", num_heads=4, num_kv_heads=3, **grouped)
     with pytest.raises(ValueError, match="out_features=16"):
-        fused_qkv_head_components(model, "blk.qkv", num_heads=3, num_kv_heads=3)
+        fused_qkv_head_components(model, "blk.qkv", num_heads=3, num_kv_heads=3, **grouped)
     with pytest.raises(ValueError, match="no submodule"):
-        fused_qkv_head_components(model, "blk.nope", num_heads=4)
+        fused_qkv_head_components(model, "blk.nope", num_heads=4, **grouped)
     with pytest.raises(ValueError, match="Linear"):
-        fused_qkv_head_components(model, "blk", num_heads=4)
+        fused_qkv_head_components(model, "blk", num_heads=4, **grouped)
+    with pytest.raises(ValueError, match=r"`layout`.*'grouped', 'interleaved'.*'qkv'"):
+        fused_qkv_head_components(model, "blk.qkv", num_heads=4, layout="qkv")
+    with pytest.raises(ValueError, match=r"interleaved.*num_kv_heads=2"):
+        fused_qkv_head_components(model, "blk.qkv", num_heads=4, num_kv_heads=2,
+                                  layout="interleaved")  # fmt: skip
+
+
+def test_fused_qkv_without_layout_warns_and_keeps_the_old_reading():
+    model = nn.ModuleDict({"blk": Block()})
+    with pytest.warns(FutureWarning, match=r"layout='grouped'.*head_components"):
+        implicit = fused_qkv_head_components(model, "blk.qkv", num_heads=4, num_kv_heads=2)
+    explicit = fused_qkv_head_components(
+        model, "blk.qkv", num_heads=4, num_kv_heads=2, layout="grouped"
+    )
+    for name in explicit:
+        assert torch.equal(implicit[name]["blk.qkv.weight"], explicit[name]["blk.qkv.weight"])
+
+
+def test_fused_qkv_interleaved_rows_are_per_head():
+    """[h][q, k, v][d] rows: head h owns rows 3*d*h to 3*d*(h+1)."""
+    model = nn.ModuleDict({"blk": nn.ModuleDict({"qkv": nn.Linear(8, 24), "out": nn.Linear(8, 8)})})
+    comps = fused_qkv_head_components(model, "blk.qkv", num_heads=4, out_proj_name="blk.out",
+                                      layout="interleaved")  # fmt: skip
+    for h, masks in enumerate(comps.values()):
+        rows = masks["blk.qkv.weight"].any(dim=1).nonzero().flatten().tolist()
+        assert rows == list(range(6 * h, 6 * h + 6))
+
+
+class DeclaresHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 2, 4
+        self.qkv = nn.Linear(8, 24)
+
+
+def test_fused_qkv_must_agree_with_the_heads_the_module_declares():
+    model = nn.ModuleDict({"blk": DeclaresHeads()})
+    with pytest.raises(ValueError, match=r"declares num_heads=2.*num_heads=4"):
+        fused_qkv_head_components(model, "blk.qkv", num_heads=4, layout="grouped")
+    assert len(fused_qkv_head_components(model, "blk.qkv", num_heads=2, layout="grouped")) == 2
+
+
+def test_fused_qkv_refuses_an_unfused_projection_and_known_layouts_read_wrongly():
+    from tests.zoo.models import case
+
+    llama = case("llama").build()
+    # 4 heads over 2 kv heads would slice q_proj's 32 rows into widths of 4: plausible, wrong.
+    with pytest.raises(ValueError, match=r"unfused projection.*k_proj"):
+        fused_qkv_head_components(llama, "model.layers.0.self_attn.q_proj", num_heads=4,
+                                  num_kv_heads=2, layout="grouped")  # fmt: skip
+    neox = case("gpt_neox").build()
+    qkv = "gpt_neox.layers.0.attention.query_key_value"
+    with pytest.raises(ValueError, match=r"GPT-NeoX.*'interleaved', not 'grouped'"):
+        fused_qkv_head_components(neox, qkv, num_heads=4, layout="grouped")
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="interleaved"):
+        fused_qkv_head_components(neox, qkv, num_heads=4)  # the call that used to be wrong
+    # Said right, it agrees with head_components (whose masks the oracle proves).
+    comps = fused_qkv_head_components(neox, qkv, num_heads=4, layout="interleaved",
+                                      out_proj_name="gpt_neox.layers.0.attention.dense")
+    reference = head_components(neox, layers=0)
+    for h in range(4):
+        ours, theirs = comps[f"{qkv}.head{h}"], reference[f"l0h{h}"]
+        assert set(ours) == set(theirs)
+        assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+def test_multihead_attention_heads_agree_with_head_components():
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, add_bias_kv=True)})
+    old = attention_head_components(model, "attn")
+    new = head_components(model)
+    for h in range(2):
+        assert set(old[f"attn.head{h}"]) == set(new[f"l0h{h}"])
+        assert all(torch.equal(m, new[f"l0h{h}"][n]) for n, m in old[f"attn.head{h}"].items())
+    no_out = attention_head_components(model, "attn", include_output=False)
+    assert "attn.out_proj.weight" not in no_out["attn.head0"]
 
 
 def test_multihead_attention_heads_partition_the_projection_rows():
