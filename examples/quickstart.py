@@ -221,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of teacher, data and student")
     parser.add_argument("--out", default="runs/quickstart", help="where the logs go")
     parser.add_argument("--wandb", action="store_true", help="log to W&B (offline mode)")
+    parser.add_argument("--widths", default=None,
+                        help="the student's widths, e.g. 6,5,6 (default: the SaddleProblem's)")
     parser.add_argument("--singular-values", default=None,
                         help="the teacher's singular values, comma-separated (default: the "
                              "SaddleProblem's)")
@@ -233,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     problem = SaddleProblem(seed=args.seed)
+    if args.widths:
+        widths = tuple(int(v) for v in args.widths.split(","))
+        problem = dataclasses.replace(problem, widths=widths)
     if args.singular_values:
         values = tuple(float(v) for v in args.singular_values.split(","))
         problem = dataclasses.replace(problem, singular_values=values)
