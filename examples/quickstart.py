@@ -196,7 +196,8 @@ def summary(problem: SaddleProblem, result: dict[str, Any]) -> str:
         rows = [r for r in history if lo * 1.3 <= r["step"] <= hi / 1.3]
         if not rows:
             continue
-        final = hi == math.inf
+        # Only after every drop is the network at the minimum the closed form refers to.
+        final = hi == math.inf and None not in result["drop_steps"]
         mean = sum(r["llc"] for r in rows) / len(rows)
         statuses = ", ".join(sorted({r["status"] for r in rows}))
         true = f"{problem.true_lambda:g}" if final else "saddle"
