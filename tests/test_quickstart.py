@@ -36,7 +36,9 @@ def _quickstart():
 
 
 def _train(problem: SaddleProblem, steps: int) -> tuple[DeepLinearNet, list[float]]:
-    """Plain SGD on the problem, as the quickstart's Trainer does it, without Lightning."""
+    """Plain SGD on the problem, as the quickstart's Trainer does it, without Lightning.
+    Returns the loss on the whole training set after each step (a minibatch's loss scatters
+    enough on the last plateau to fake a drop)."""
     x, y = problem.data()
     model = problem.model()
     opt = torch.optim.SGD(model.parameters(), lr=problem.lr)
@@ -45,10 +47,11 @@ def _train(problem: SaddleProblem, steps: int) -> tuple[DeepLinearNet, list[floa
     while len(losses) < steps:
         for idx in torch.randperm(problem.num_samples, generator=g).split(problem.batch_size):
             loss = gaussian_nll(model, (x[idx], y[idx]))
-            losses.append(float(loss))
             opt.zero_grad()
             loss.backward()
             opt.step()
+            with torch.no_grad():
+                losses.append(float(gaussian_nll(model, (x, y))))
             if len(losses) == steps:
                 break
     return model, losses
@@ -104,7 +107,7 @@ def test_loss_drop_steps_finds_midpoint_crossings() -> None:
 def test_sgd_learns_one_mode_at_a_time_where_theory_says() -> None:
     problem = SaddleProblem(singular_values=(10.0, 3.0, 1.0))
     model, losses = _train(problem, 500)
-    drops = loss_drop_steps(range(len(losses)), losses, problem.plateau_losses)
+    drops = loss_drop_steps(range(1, len(losses) + 1), losses, problem.plateau_losses)
     assert None not in drops
     # Separated in log(step): each drop at least 2x later than the one before.
     assert all(b > 2 * a for a, b in itertools.pairwise(drops))
