@@ -484,8 +484,15 @@ class _ScheduledMonitor(Callback):
         """Validate what can be validated without a batch (components, chain split...)."""
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """At train start, before any step: the loss and data, checked on one batch."""
+        """At train start, before any step: the model, the loss and data, checked on one
+        batch."""
         if self.uses_data:
+            if not trainable_parameters(pl_module):
+                raise ValueError(
+                    f"{self._name}: the model has no trainable parameter (requires_grad=True), "
+                    "so there is nothing to measure. Unfreeze the parameters to measure, or "
+                    "remove the monitor."
+                )
             self._loss_fn = self._resolve_loss_fn(pl_module)
             self._batches = self._resolve_data(
                 trainer, pl_module, self.data, argument="data", num_batches=self._num_batches()

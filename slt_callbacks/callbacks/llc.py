@@ -292,8 +292,21 @@ class LLCMonitor(_ScheduledMonitor):
             )
             self._check_loss(pl_module, batches[0], argument)
             self._dataset_batches[name] = batches
+        self._check_default_n_beta(config)
         if self.snapshot_dir is not None and trainer.is_global_zero:
             self._save_data()
+
+    def _check_default_n_beta(self, config: SGLDConfig) -> None:
+        """The default nβ = n/log n needs n >= 2 samples; say so now, not at the first
+        estimate (where it would be logged as a failed step, step after step)."""
+        if config.n_beta is not None:
+            return
+        num_samples = sum(_batch_len(b) for b in self._batches)
+        if num_samples < 2:
+            raise ValueError(
+                f"LLCMonitor: `data` holds {num_samples} sample(s), too few "
+                "for the default n_beta = n/log n. Pass more data, or SGLDConfig(n_beta=...)."
+            )
 
     def _num_batches(self) -> int | None:
         # For `data=`/`datasets=` None means "one pass, capped" (as estimate_llc reads data);
@@ -572,6 +585,13 @@ def _atomic_save(obj: Any, path: Path) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _batch_len(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its first batched tensor."""
+    leaves = [x for x in torch.utils._pytree.tree_leaves(batch)
+              if isinstance(x, torch.Tensor) and x.dim()]  # fmt: skip
+    return int(leaves[0].shape[0]) if leaves else 1
 
 
 def _summary(result: LLCResult) -> tuple[float, float, str]:

@@ -256,9 +256,9 @@ def batch_norm_reason(model: nn.Module, *, train_mode: bool | None) -> str | Non
     statistics: the loss is a fixed function of w, as the estimator assumes, but it is not
     the function being trained; early in training the running statistics lag the weights,
     the eval-mode loss at w* can sit far above the minimum the weights are near, and λ̂ can
-    read hugely negative (≈ −15,000 seen on a small CNN). In train mode BatchNorm uses each
-    batch's own statistics: the function training optimises, but a sample's loss depends on
-    the rest of its batch (and dropout is on too).
+    read hugely negative (λ̂ ≈ −15,000 has been reported on a small CNN). In train mode
+    BatchNorm uses each batch's own statistics: the function training optimises, but a
+    sample's loss depends on the rest of its batch (and dropout is on too).
     """
     from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -278,7 +278,7 @@ def batch_norm_reason(model: nn.Module, *, train_mode: bool | None) -> str | Non
             "It is evaluated in eval mode: BatchNorm normalises with its running statistics, a "
             "fixed function of w but not the one being trained; while the running statistics "
             "lag the weights (early in training) the loss at w* is not at a minimum of that "
-            "function and λ̂ can read hugely negative (≈ -15,000 seen on a small CNN)."
+            "function and λ̂ can read hugely negative (≈ -15,000 reported on a small CNN)."
         )
     return (
         f"The model has BatchNorm layers ({shown}). {mode} Choose with "

@@ -295,6 +295,12 @@ def ignores_the_model(model, batch):
             r"LLCMonitor \(first batch of `data`\): the loss returned by `loss_fn` does not "
             r"depend on any trainable parameter",
         ),
+        (
+            lambda: LLCMonitor(config=FAST, schedule=[5], data=[regression_set(1).tensors]),
+            {},
+            ValueError,
+            r"`data` holds 1 sample\(s\), too few for the default n_beta",
+        ),
         # Before, the Hessian monitor logged 0.0 for such a loss, silently.
         (
             lambda: HessianTraceMonitor(schedule=[5], loss_fn=ignores_the_model),
@@ -312,6 +318,23 @@ def test_bad_configuration_fails_before_any_training_step(
     with pytest.raises(error, match=match):
         trainer.fit(TinyRegressor(), loader())
     assert counter.batches == 0
+
+
+def test_a_fully_frozen_model_is_refused_before_the_first_step(tmp_path):
+    class Frozen(TinyRegressor):
+        def __init__(self):
+            super().__init__()
+            self.net.requires_grad_(False)
+
+        def configure_optimizers(self):
+            return None  # nothing to train: Lightning runs without an optimizer
+
+    for monitor in (LLCMonitor(config=FAST, schedule=[5]), HessianTraceMonitor(schedule=[5])):
+        counter = StepCounter()
+        trainer = make_trainer(tmp_path, [monitor, counter])
+        with pytest.raises(ValueError, match=r"no trainable parameter"):
+            trainer.fit(Frozen(), loader())
+        assert counter.batches == 0
 
 
 def test_an_iterable_training_set_asks_for_data(tmp_path):
@@ -801,3 +824,23 @@ def test_snapshots_are_written_atomically(tmp_path, monkeypatch):
         torch.load(snapshots / name, weights_only=True)
     assert [(f["step"], f["kind"]) for f in monitor.failures] == [(3, "io_error")]
     assert our_warnings(caught, "No space left on device")
+
+
+def test_a_resumed_run_serves_the_same_steps_as_an_uninterrupted_one(tmp_path):
+    # The pointer travels in the checkpoint: after a resume at global_step 4 (two optimizers),
+    # scheduled step 5 is served at 6, as without the interruption.
+    def monitor():
+        return WeightNormMonitor(schedule=[0, 1, 3, 5, 9])
+
+    whole = monitor()
+    fit_quietly(make_trainer(tmp_path / "whole", [whole], max_steps=12), TwoOptimizers(),
+                loader(shuffle=False))  # fmt: skip
+    first = monitor()
+    trainer = make_trainer(tmp_path / "a", [first], max_steps=4)
+    fit_quietly(trainer, TwoOptimizers(), loader(shuffle=False))
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    second = monitor()
+    trainer = make_trainer(tmp_path / "b", [second], max_steps=12)
+    fit_quietly(trainer, TwoOptimizers(), loader(shuffle=False), ckpt_path=tmp_path / "half.ckpt")
+    assert [h["step"] for h in whole.history] == [0, 2, 4, 6, 10]
+    assert [h["step"] for h in second.history] == [h["step"] for h in whole.history]
