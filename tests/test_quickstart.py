@@ -91,8 +91,7 @@ def test_problem_rejects_bad_arguments() -> None:
         SaddleProblem(lr=0.0)
     with pytest.raises(ValueError, match="widths"):
         SaddleProblem(widths=(6,))
-    with pytest.raises(NotImplementedError, match="depth 2"):
-        _ = SaddleProblem(widths=(6, 5, 5, 6)).true_lambda
+
 
 
 def test_loss_drop_steps_finds_midpoint_crossings() -> None:

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int, check_number
+from ..core import theory
 from ..core.theory import reduced_rank_regression_lambda
 
 __all__ = ["DeepLinearNet", "SaddleProblem", "loss_drop_steps", "teacher_matrix"]
@@ -179,14 +180,19 @@ class SaddleProblem:
 
     @property
     def true_lambda(self) -> float:
-        """λ at the final minimum: the reduced-rank-regression value (depth 2 only)."""
-        if self.depth != 2:
+        """λ at the final minimum, where every layer has rank ``r``: the reduced-rank-regression
+        value for depth 2 (Aoyagi & Watanabe 2005), Aoyagi's deep-linear value beyond
+        (:func:`~slt_callbacks.core.theory.deep_linear_lambda`, where available)."""
+        if self.depth == 2:
+            m, h, n = self.widths
+            return reduced_rank_regression_lambda(m, h, n, self.rank)
+        deep = getattr(theory, "deep_linear_lambda", None)
+        if deep is None:
             raise NotImplementedError(
-                f"true_lambda is known here for depth 2 only (reduced-rank regression); this "
-                f"problem has depth {self.depth}."
+                f"true_lambda needs slt_callbacks.core.theory.deep_linear_lambda for depth "
+                f"{self.depth}; this version has only the depth-2 formula."
             )
-        m, h, n = self.widths
-        return reduced_rank_regression_lambda(m, h, n, self.rank)
+        return float(deep(self.widths, self.rank))
 
     def predicted_drop_steps(self) -> tuple[float, ...]:
         """Where theory puts the drops (depth 2, balanced small weights): mode ``i`` half
