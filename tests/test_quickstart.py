@@ -94,6 +94,20 @@ def test_problem_rejects_bad_arguments() -> None:
 
 
 
+def test_true_lambda_beyond_depth_two_is_aoyagis_deep_linear_value() -> None:
+    from slt_callbacks.core import theory
+
+    deep = getattr(theory, "deep_linear_lambda", None)
+    problem = SaddleProblem(widths=(6, 5, 5, 6))
+    if deep is None:
+        with pytest.raises(NotImplementedError, match="deep_linear_lambda"):
+            _ = problem.true_lambda
+        return
+    assert problem.true_lambda == deep((6, 5, 5, 6), 3)
+    # The deep formula at depth 2 is reduced-rank regression (the value used for depth 2).
+    assert deep((6, 5, 6), 3) == SaddleProblem().true_lambda
+
+
 def test_loss_drop_steps_finds_midpoint_crossings() -> None:
     steps = list(range(10))
     losses = [55, 55, 29, 5, 5, 5, 2, 0.4, 0.1, 0.0]
