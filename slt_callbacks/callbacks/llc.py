@@ -15,6 +15,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from slt_callbacks.core.autocal import AutoCalibration
 from slt_callbacks.core.calibrate import Calibration, calibrate
 from slt_callbacks.core.config import SGLDConfig
 from slt_callbacks.core.diagnostics import HealthCriteria, Status
@@ -214,6 +215,9 @@ class LLCMonitor(_ScheduledMonitor):
         self._loss_ema: torch.Tensor | float | None = None
         self._dataset_batches: dict[str, list[Any]] = {}
         self._backend: str | None = None
+        # config="auto": when to calibrate, and the provisional config until then (autocal).
+        self._autocal: AutoCalibration | None = None
+        self._auto_status: str | None = None
 
     # -- state --------------------------------------------------------------------------------
 
@@ -222,12 +226,16 @@ class LLCMonitor(_ScheduledMonitor):
         state["loss_ema"] = self._loss_value()
         state["n_beta"] = self.n_beta
         state["config"] = None if self.active_config is None else self.active_config.to_dict()
+        if self._autocal is not None:
+            state["autocal"] = self._autocal.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._loss_ema = state_dict.get("loss_ema")
         self.n_beta = state_dict.get("n_beta")
+        if self.config == "auto" and state_dict.get("autocal") is not None:
+            self._auto_policy().load_state_dict(state_dict["autocal"])
         saved = state_dict.get("config")
         if saved is None:
             return
@@ -246,6 +254,7 @@ class LLCMonitor(_ScheduledMonitor):
         self._loss_ema, self.n_beta = None, None
         if self.config == "auto":
             self.active_config = None  # a fresh run calibrates on its own model
+            self._autocal, self._auto_status = None, None
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -350,7 +359,11 @@ class LLCMonitor(_ScheduledMonitor):
         )
         entry = record.to_dict()
         del entry["step"]
-        return entry, self._metrics(result, by_data, seconds)
+        metrics = self._metrics(result, by_data, seconds)
+        if self._auto_status is not None:  # config="auto": 1 while estimates are provisional
+            metrics[self._key("calibration/provisional")] = float(
+                self._auto_status == "provisional")
+        return entry, metrics
 
     def _estimate(
         self,
@@ -445,43 +458,56 @@ class LLCMonitor(_ScheduledMonitor):
 
     # -- helpers ------------------------------------------------------------------------------
 
+    # -- config="auto" (policy in slt_callbacks.core.autocal) ---------------------------------
+
+    def _auto_policy(self) -> AutoCalibration:
+        if self._autocal is None:
+            self._autocal = AutoCalibration(self.calibration.get("base") or SGLDConfig())
+        return self._autocal
+
     def _resolved_config(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> SGLDConfig:
-        """The config, calibrating once if ``config="auto"`` has not been resolved yet."""
+        """The config of this step's estimate. With ``config="auto"``: the provisional config
+        until :class:`~slt_callbacks.core.autocal.AutoCalibration` freezes a calibrated one
+        (never at step 0; at a step after a healthy estimate; only at a minimum)."""
         if self.active_config is not None:
             return self.active_config
         assert self._loss_fn is not None and self._sink is not None
-        options = {"on_failure": "ignore", **self.calibration}
-        options.setdefault("seed", derive_seed(self.seed, step, 0, "calibrate"))
-        # Through `attempt` and the gather: a failure on one rank fails the step on all.
-        attempted = attempt(calibrate, pl_module, self._loss_fn, self._batches, **options,
-                            rank=trainer.global_rank)  # fmt: skip
-        raise_if_any_failed(gather(attempted, trainer) if trainer.world_size > 1 else [attempted])
-        assert isinstance(attempted, Calibration)
-        outcome = attempted
-        chosen = outcome.config
-        if chosen is None:
-            chosen = options.get("base") or SGLDConfig()
-            rank_zero_warn(
-                f"LLCMonitor: calibration at step {step} found no healthy step size "
-                f"({outcome.reason}); using {chosen} for the rest of the run."
+        policy = self._auto_policy()
+        last = None if self.last_result is None else self.last_result.status
+        outcome = None
+        if policy.should_calibrate(step, last):
+            options = {"on_failure": "ignore", **self.calibration}
+            options.setdefault("seed", derive_seed(self.seed, step, 0, "calibrate"))
+            # Through `attempt` and the gather: a failure on one rank fails the step on all.
+            attempted = attempt(calibrate, pl_module, self._loss_fn, self._batches, **options,
+                                rank=trainer.global_rank)  # fmt: skip
+            raise_if_any_failed(
+                gather(attempted, trainer) if trainer.world_size > 1 else [attempted]
             )
+            assert isinstance(attempted, Calibration)
+            outcome = attempted
+            rank_zero_info(f"LLCMonitor calibration at step {step}:\n{outcome.to_markdown()}")
+            self.last_calibration = outcome
+            self._show_calibration(trainer, outcome, step)
+        decision = policy.decide(outcome, step)
         # Every rank must sample with the same config; rank zero's choice wins.
-        chosen = gather(chosen, trainer)[0]
+        chosen = gather(decision.config, trainer)[0]
         self._check_chain_split(chosen, trainer.world_size)
-        self.active_config = chosen
-        rank_zero_info(f"LLCMonitor calibration at step {step}:\n{outcome.to_markdown()}")
-        self.last_calibration = outcome
-        self._show_calibration(trainer, outcome, step)
-        self._sink.update_config(
-            {
+        if decision.frozen:
+            self.active_config = chosen
+        if decision.status != self._auto_status or outcome is not None:
+            if decision.status != "calibrated":
+                rank_zero_warn(f"LLCMonitor (config='auto'): {decision.reason}")
+            self._sink.update_config({
                 self._key("sgld"): chosen.to_dict(),
+                self._key("calibration/status"): decision.status,
                 self._key("calibration/step"): step,
-                self._key("calibration/verified"): outcome.verified,
-                self._key("calibration/reason"): outcome.reason,
-            }
-        )
+                self._key("calibration/verified"): outcome is not None and outcome.verified,
+                self._key("calibration/reason"): decision.reason,
+            })
+        self._auto_status = decision.status
         return chosen
 
     def _show_calibration(self, trainer: pl.Trainer, outcome: Calibration, step: int) -> None:
