@@ -24,7 +24,7 @@ Why not a wider spread: an LLC estimate sees a saddle only if the chains can esc
 if the unlearned mode's negative curvature ``nβ·s_r`` beats the localization ``γ`` (with the
 default ``γ = 100`` and the quickstart's ``nβ ≈ 148``: ``s_r ≳ 0.7``), while the step size
 must stay below ``≈ 0.1 / (nβ · 2 s_1)`` (the top curvature at the minimum is ``2 s_1``). With
-the default ``ε = 1e-4`` that bounds ``s_1 / s_r`` to about 10.
+``ε = 1e-4`` that bounds ``s_1 / s_r`` to about 10.
 
 Everything here is torch only and seeded by explicit generators, so tests, the quickstart
 example and the stage-detector benchmark share one definition of the problem::
