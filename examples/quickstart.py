@@ -2,8 +2,11 @@
 
 Four callbacks, one line in the Trainer, no change to the model::
 
-    trainer = Trainer(callbacks=[LLCMonitor(), StageTransitionMonitor(),
+    trainer = Trainer(callbacks=[LLCMonitor(config=...), StageTransitionMonitor(),
                                  WeightNormMonitor(), HessianTraceMonitor()])
+
+(``config``: the SGLD hyperparameters; here weak localization, see :data:`CONFIGS`, because
+this run's end point has a closed-form learning coefficient to compare with.)
 
 The network is the textbook case of stagewise development: a deep linear network (6-5-6,
 60 weights) trained by SGD from a tiny initialisation on a teacher with singular values
@@ -14,14 +17,14 @@ its jump when a mode is learned *is* the stage transition). After the last drop 
 is at a true minimum whose learning coefficient is known in closed form (16, Aoyagi &
 Watanabe 2005), so the final λ̂ can be checked.
 
-Runs on a CPU in about a minute, without an account or a network. Metrics go to
+Runs on a CPU in one to two minutes, without an account or a network. Metrics go to
 ``./runs/quickstart`` as CSV (or, with ``--wandb``, to a W&B run in offline mode there; upload it
 later with ``wandb sync``). At the end it prints a table (loss drops, stage events, λ̂) and
 writes ``runs/quickstart/quickstart.png``: loss, λ̂, weight norm and Hessian trace against
 log(step) with the stages marked (:func:`slt_callbacks.plots.plot_run`, which works on any
 run's ``metrics.csv``).
 
-    python examples/quickstart.py [--steps 2000] [--wandb] [--seed 0] [--config auto]
+    python examples/quickstart.py [--steps 2000] [--wandb] [--seed 0] [--config default|auto]
 """
 
 from __future__ import annotations
@@ -49,14 +52,14 @@ from slt_callbacks.reference import SaddleProblem, loss_drop_steps
 from slt_callbacks.schedule import Schedule
 
 CONFIGS: dict[str, SGLDConfig | str | None] = {
-    "default": None,  # LLCMonitor's default, SGLDConfig()
-    "auto": "auto",  # calibrated by LLCMonitor(config="auto")
-    # Weak localization, a larger step and longer chains: at the final minimum λ̂ reads within
-    # a few percent of the closed-form value, where γ = 100 (the default) restrains the chains
-    # and reads ~25% low (γ biases λ̂ low at singular points), and every saddle shows (at
-    # γ = 100 the last one barely does: its negative curvature nβ·s_3 ≈ 150 hardly beats γ).
-    # Each estimate costs 1000 chain-steps, 3.3x the default's 300.
+    # Weak localization, a step small for this curvature, longer chains: at the final minimum
+    # λ̂ reads within a few percent of the closed-form value and every saddle shows clearly.
+    # The defaults miss here: γ = 100 restrains the chains at a singular point (λ̂ ~25% low
+    # at ε = 1e-4) and ε = 1e-3 is coarse for this model (ε·nβ·λ_max ≈ 3 where ≈ 0.1 is
+    # safe: λ̂ ~19% high). Each estimate costs 1000 chain-steps, 3.3x the default's 300.
     "gamma1": SGLDConfig(step_size=2e-4, localization=1.0, num_burnin_steps=200, num_draws=800),
+    "default": None,  # LLCMonitor's default, SGLDConfig()
+    "auto": "auto",  # LLCMonitor(config="auto") calibrates during the run
 }
 
 
@@ -227,9 +230,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--singular-values", default=None,
                         help="the teacher's singular values, comma-separated (default: the "
                              "SaddleProblem's)")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="default",
-                        help="SGLD hyperparameters: default SGLDConfig(), auto (calibrated), "
-                             "or gamma1 (weak localization, longer chains: accurate, ~3x slower)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="gamma1",
+                        help="SGLD hyperparameters: gamma1 (weak localization, longer chains; "
+                             "reads the closed-form λ), default (SGLDConfig(), 3x cheaper), "
+                             "or auto (LLCMonitor(config='auto'))")
     parser.add_argument("--per-decade", type=int, default=16, help="estimates per decade")
     parser.add_argument("--json", help="also write the λ̂ curve and the loss drops there")
     args = parser.parse_args(argv)
