@@ -10,9 +10,9 @@ floating-point reassociation whichever runs:
   backward of the summed losses. Chains are independent, so the gradient of the sum w.r.t.
   each chain's leaves is that chain's own gradient. Chains whose batches differ in shape (a
   ragged pool) are split into one call per shape.
-- :class:`LoopBackend`: one plain forward and backward per chain. For models vmap cannot
-  trace (in-place updates of buffers, ``.item()`` in ``forward``, ...), and on a CPU often
-  as fast, with one chain's activations alive at a time.
+- :class:`LoopBackend`: one plain forward per chain, then the same single backward. For
+  models vmap cannot trace (in-place updates of buffers, ``.item()`` in ``forward``, ...),
+  and on a CPU often as fast.
 
 Both differentiate only w.r.t. the component's own coordinates (see
 :mod:`~slt_callbacks.core.space`): a head's chains pay no weight gradient for the other
@@ -87,19 +87,23 @@ class Backend:
 
 
 class LoopBackend(Backend):
-    """One plain forward and backward per chain: the activations of one chain at a time."""
+    """One plain forward per chain, then one backward for the chunk (one backward per chain
+    costs the engine's setup once per chain; the chunk size bounds the activations alive)."""
 
     name = "loop"
 
     def forward_backward(self, problem, space, theta, batches, grad, *, must_depend):
-        losses = torch.empty(theta.shape[0], dtype=theta.dtype, device=theta.device)
-        for i, (row, b) in enumerate(zip(theta, batches, strict=True)):
-            leaves = space.leaves(row)
-            with autocast_context(theta.device, problem.autocast):
-                loss = problem.loss(space.tensors(leaves), problem.pool.tensor_leaves(b))
-            space.write_grads(_grads(loss, leaves, must_depend), grad[i])
-            losses[i] = loss.detach()
-        return losses
+        leaves = [space.leaves(row) for row in theta]
+        with autocast_context(theta.device, problem.autocast):
+            losses = torch.stack([
+                problem.loss(space.tensors(lv), problem.pool.tensor_leaves(b))
+                for lv, b in zip(leaves, batches, strict=True)
+            ])
+        n = len(space.segments)
+        grads = _grads(losses, [leaf for lv in leaves for leaf in lv], must_depend)
+        for i in range(len(leaves)):
+            space.write_grads(grads[i * n : (i + 1) * n], grad[i])
+        return losses.detach().to(theta.dtype)
 
 
 class VmapBackend(Backend):

@@ -250,9 +250,8 @@ def estimate_llc(
             shapes, drawn once into a pool (:mod:`~slt_callbacks.core.data`). For a
             data-restricted LLC pass the restricted data.
         config: SGLD hyperparameters; default :class:`SGLDConfig()`.
-        components: weight-restricted LLCs: ``{name: selector}`` with a glob, a list of globs
-            or ``{parameter_name: bool mask}`` (see :mod:`slt_callbacks.core.restrict`).
-            Their chains carry only the component's coordinates (:mod:`.space`).
+        components: weight-restricted LLCs ``{name: glob, list of globs or {parameter_name:
+            bool mask}}``; their chains carry only the component's coordinates.
         seed: seeds a private generator (None: a fresh seed); or pass ``generator``.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` an unhealthy estimate.
         criteria: thresholds of the health checks.
