@@ -1,14 +1,21 @@
-"""Automatic step-size calibration against closed-form learning coefficients.
+"""Automatic calibration of ε and γ against closed-form learning coefficients.
 
-For each linear-network case of SLT_PRIMER §5 (float64, n = 10,000 noise-free samples,
-batch 500, nβ = n/log n, γ = 1): run :func:`slt_callbacks.core.calibrate.calibrate` with its
-default grid and chain lengths, then a full-length estimate with the recommended config, and
-the same estimate with the hand-tuned ε = 1e-4 of the primer. Prints a markdown table.
+For deep linear networks of depth 2, 3 and 4 at minimal-rank teachers (every layer of rank
+exactly r, :func:`slt_callbacks.core.theory.minimal_rank_deep_linear_teacher`; true λ from
+Aoyagi's formula, :func:`~slt_callbacks.core.theory.deep_linear_lambda`), and the regular
+3 → 2 linear regression: float64, n = 10,000 noise-free samples, batch 500, nβ = n/log n.
 
-Run from the repository root (one thread, a minute or two on a CPU core)::
+Each case runs :func:`slt_callbacks.core.calibrate.calibrate` at its defaults (γ ladder,
+curvature-centred ε grid, 8 chains × (500 + 500) steps per point), then a full estimate
+with the recommended config (4 chains × (burn-in + draws), given below), and the same
+estimate at half the chosen ε: the stability check of issue #9 (halving ε should move λ̂
+by less than its standard error). Prints a markdown table.
 
-    python benchmarks/calibration.py            # --draws 10000 --seed 0
-    python benchmarks/calibration.py --tables   # also every calibration table
+Run from the repository root (one thread)::
+
+    python benchmarks/calibration.py                 # --draws 10000 --burnin 1000
+    python benchmarks/calibration.py --tables        # also every calibration table
+    python benchmarks/calibration.py --cases depth3  # a subset
 """
 
 from __future__ import annotations
@@ -23,22 +30,14 @@ from torch import nn
 from slt_callbacks import SGLDConfig, estimate_llc
 from slt_callbacks.core.calibrate import calibrate
 from slt_callbacks.core.theory import (
+    deep_linear_lambda,
     gaussian_nll,
-    minimal_rank_teacher,
-    reduced_rank_regression_lambda,
+    minimal_rank_deep_linear_teacher,
     regression_batches,
 )
 
 N = 10_000
 BATCH = 500
-HAND_TUNED_STEP = 1e-4
-
-
-mse_half = gaussian_nll
-
-
-def regression_data(teacher: nn.Module, m: int, *, seed: int = 0):
-    return regression_batches(teacher, m, num_samples=N, batch_size=BATCH, seed=seed)
 
 
 def linear_regression() -> nn.Module:
@@ -49,13 +48,18 @@ def linear_regression() -> nn.Module:
     return teacher
 
 
-CASES = [
-    ("linear regression 3→2", linear_regression, 3, 3.0),
-    ("RRR 2-2-2, rank 0, origin", lambda: minimal_rank_teacher(2, 2, 2, 0), 2,
-     reduced_rank_regression_lambda(2, 2, 2, 0)),
-    ("RRR 3-2-4, rank 1, minimal-rank teacher", lambda: minimal_rank_teacher(3, 2, 4, 1, seed=3),
-     3, reduced_rank_regression_lambda(3, 2, 4, 1)),
-]
+def dln(widths: tuple[int, ...], r: int):
+    return (f"DLN {'-'.join(map(str, widths))}, rank {r}",
+            lambda: minimal_rank_deep_linear_teacher(widths, r, seed=0),
+            widths[0], deep_linear_lambda(widths, r))
+
+
+CASES = {
+    "linear": ("linear regression 3→2 (regular)", linear_regression, 3, 3.0),
+    "depth2": dln((4, 3, 5), 1),
+    "depth3": dln((4, 3, 3, 4), 1),
+    "depth4": dln((3, 3, 3, 3, 3), 1),
+}
 
 
 def main() -> None:
@@ -63,46 +67,55 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=10_000, help="draws of the full estimate")
     parser.add_argument("--burnin", type=int, default=1000, help="burn-in of the full estimate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated case keys")
     parser.add_argument("--tables", action="store_true", help="print each calibration table")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     n_beta = N / math.log(N)
-    base = SGLDConfig(n_beta=n_beta, localization=1.0, num_chains=4, num_draws=args.draws,
+    base = SGLDConfig(n_beta=n_beta, num_chains=4, num_draws=args.draws,
                       num_burnin_steps=args.burnin)
     print(f"torch {torch.__version__}, 1 thread, float64; n = {N}, batch {BATCH}, "
-          f"nβ = n/log n = {n_beta:.1f}, γ = 1.")
-    print("calibrate(): default grid and lengths (8 chains x (500 burn-in + 500 draws) per "
-          "grid point, common random numbers), seed "
-          f"{args.seed}; full estimates: 4 chains x ({args.burnin} burn-in + {args.draws} "
-          "draws), the same seed.\n")
+          f"nβ = n/log n = {n_beta:.1f}.")
+    print("calibrate(): defaults (γ ladder 1, 10, 100, ... smallest first; ε grid centred on "
+          "ε·nβ·λ_max = 0.1; 8 chains x (500 burn-in + 500 draws) per grid point, common "
+          f"random numbers), seed {args.seed}; full estimates: 4 chains x ({args.burnin} "
+          f"burn-in + {args.draws} draws), the same seed.\n")
 
-    rows = []
-    for name, build, m, truth in CASES:
+    print("| case | true λ | chosen ε | chosen γ | verified | λ̂ ± se | error "
+          "| λ̂ at ε/2 ± se | shift / se | status | calibration s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    tables = []
+    for key in args.cases.split(","):
+        name, build, m, truth = CASES[key]
         model = build()
-        data = regression_data(model, m)
-        cal = calibrate(model, mse_half, data, base=base, seed=args.seed, on_failure="ignore")
-        if args.tables:
-            print(f"### {name}\n\n{cal.to_markdown()}\n")
-        auto = (estimate_llc(model, mse_half, data, config=cal.config, seed=args.seed,
-                             on_failure="ignore") if cal.config is not None else None)
-        hand_config = SGLDConfig(**{**base.to_dict(), "step_size": HAND_TUNED_STEP})
-        hand = estimate_llc(model, mse_half, data, config=hand_config, seed=args.seed,
+        data = regression_batches(model, m, num_samples=N, batch_size=BATCH)
+        cal = calibrate(model, gaussian_nll, data, base=base, seed=args.seed,
+                        on_failure="ignore")
+        tables.append(f"### {name}\n\n{cal.to_markdown()}\n")
+        if cal.config is None:
+            print(f"| {name} | {truth:g} | none | – | no | – | – | – | – | – | "
+                  f"{cal.seconds:.0f} |", flush=True)
+            continue
+        full = estimate_llc(model, gaussian_nll, data, config=cal.config, seed=args.seed,
                             on_failure="ignore")
-        rows.append((name, truth, cal, auto, hand))
-
-    print("| case | true λ | chosen ε | λ̂ (auto) | rel. error | hand-tuned ε=1e-4 λ̂ "
-          "| rel. error | calibration s | verified |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, truth, cal, auto, hand in rows:
-        chosen = "none" if cal.config is None else f"{cal.config.step_size:.2g}"
-        auto_cells = ("–", "–") if auto is None else (
-            f"{auto.llc_mean:.3f} ± {auto.llc_std:.3f}", f"{auto.llc_mean / truth - 1:+.1%}")
-        print(f"| {name} | {truth:g} | {chosen} | {auto_cells[0]} | {auto_cells[1]} | "
-              f"{hand.llc_mean:.3f} ± {hand.llc_std:.3f} | {hand.llc_mean / truth - 1:+.1%} | "
-              f"{cal.seconds:.1f} | {'yes' if cal.verified else 'no'} |")
-    print("\nλ̂ ± std across chains. Relative error = λ̂/λ − 1. 'verified': the chosen ε lies "
-          "in a flat region of λ̂(ε) (see slt_callbacks.core.calibrate).")
+        half_config = SGLDConfig(**{**cal.config.to_dict(),
+                                    "step_size": cal.config.step_size / 2})
+        half = estimate_llc(model, gaussian_nll, data, config=half_config, seed=args.seed,
+                            on_failure="ignore")
+        se = full.llc_std / math.sqrt(full.config.num_chains)
+        half_se = half.llc_std / math.sqrt(half.config.num_chains)
+        shift = abs(full.llc_mean - half.llc_mean) / se
+        print(f"| {name} | {truth:g} | {cal.config.step_size:.2g} | "
+              f"{cal.config.localization:g} | {'yes' if cal.verified else 'no'} | "
+              f"{full.llc_mean:.3f} ± {se:.3f} | {full.llc_mean / truth - 1:+.1%} | "
+              f"{half.llc_mean:.3f} ± {half_se:.3f} | {shift:.1f} | {full.status.value} | "
+              f"{cal.seconds:.0f} |", flush=True)
+    print("\nse = chain std / √chains. error = λ̂/λ − 1. shift / se = |λ̂(ε) − λ̂(ε/2)| / se(ε): "
+          "below 1 is the stability target. 'verified': the chosen ε lies in a flat region of "
+          "λ̂(ε) (see slt_callbacks.core.calibrate).")
+    if args.tables:
+        print("\n" + "\n".join(tables))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""``config="auto"`` at run time: calibrate once, at the first scheduled step, and show why.
+"""``config="auto"`` at run time: run the calibration where the policy says, and show why.
 
 The rule that chooses the step size is :func:`~slt_callbacks.core.calibrate.calibrate` (torch
-only); this module runs it inside a training run: on every DDP rank (rank zero's choice
-wins, so that all ranks sample with one config), through the failure guard (a calibration
-that raises fails that step, not the run), and publishes the sweep behind the choice: the
-run config, a W&B table and image with a ``WandbLogger``, else a PNG next to the logs.
+only) and *when* to calibrate is :class:`~slt_callbacks.core.autocal.AutoCalibration`; this
+module runs the sweep inside a training run: on every DDP rank, through the failure guard (a
+calibration that raises fails that step, not the run), and publishes the sweep behind the
+choice: the run config, a W&B table and image with a ``WandbLogger``, else a PNG next to the
+logs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ._guard import attempt, raise_if_any_failed
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["calibrate_in_run", "check_config", "publish_calibration"]
+__all__ = ["calibrate_in_run", "check_config", "publish_decision", "show_calibration"]
 
 
 def calibrate_in_run(
@@ -40,8 +41,9 @@ def calibrate_in_run(
     seed: int,
     step: int,
     owner: str,
-) -> tuple[SGLDConfig, Calibration]:
-    """The config to freeze for the rest of the run, and the calibration behind it."""
+) -> Calibration:
+    """One calibration sweep at ``step`` on every rank (the policy in
+    :mod:`slt_callbacks.core.autocal` decides when, and what to do with it)."""
     options = {"on_failure": "ignore", **options}
     options.setdefault("seed", derive_seed(seed, step, 0, "calibrate"))
     # Through `attempt` and the gather: a failure on one rank fails the step on all.
@@ -49,46 +51,51 @@ def calibrate_in_run(
                         rank=trainer.global_rank)  # fmt: skip
     raise_if_any_failed(gather(attempted, trainer) if trainer.world_size > 1 else [attempted])
     assert isinstance(attempted, Calibration)
-    outcome = attempted
-    chosen = outcome.config
-    if chosen is None:
-        chosen = options.get("base") or SGLDConfig()
-        rank_zero_warn(
-            f"{owner}: calibration at step {step} found no healthy step size "
-            f"({outcome.reason}); using {chosen} for the rest of the run."
-        )
-    rank_zero_info(f"{owner} calibration at step {step}:\n{outcome.to_markdown()}")
-    # Every rank must sample with the same config; rank zero's choice wins.
-    return gather(chosen, trainer)[0], outcome
+    rank_zero_info(f"{owner} calibration at step {step}:\n{attempted.to_markdown()}")
+    return attempted
 
 
-def publish_calibration(
+def publish_decision(
     sink: MetricSink,
-    trainer: pl.Trainer,
-    outcome: Calibration,
+    decision: Any,
     chosen: SGLDConfig,
+    outcome: Calibration | None,
     step: int,
     *,
     key: Callable[[str], str],
     owner: str,
 ) -> None:
-    """The chosen config into the run config; the sweep as a table and a picture."""
+    """The config in use and why into the run config; a warning unless it is calibrated."""
+    if decision.status != "calibrated":
+        rank_zero_warn(f"{owner} (config='auto'): {decision.reason}")
+    sink.update_config({
+        key("sgld"): chosen.to_dict(),
+        key("calibration/status"): decision.status,
+        key("calibration/step"): step,
+        key("calibration/verified"): outcome is not None and outcome.verified,
+        key("calibration/reason"): decision.reason,
+    })  # fmt: skip
+
+
+def show_calibration(
+    sink: MetricSink,
+    trainer: pl.Trainer,
+    outcome: Calibration,
+    step: int,
+    *,
+    key: Callable[[str], str],
+    owner: str,
+) -> None:
+    """The sweep behind a choice: a W&B table and image with a WandbLogger, else a PNG next
+    to the logs (the picture needs the optional matplotlib)."""
     rows = [point.to_dict() for point in outcome.table]
     columns = list(rows[0]) if rows else []
     sink.log_table(key("calibration/table"), columns,
                    [[_cell(r[c]) for c in columns] for r in rows], step)
-    sink.update_config(
-        {
-            key("sgld"): chosen.to_dict(),
-            key("calibration/step"): step,
-            key("calibration/verified"): outcome.verified,
-            key("calibration/reason"): outcome.reason,
-        }
-    )
     if not trainer.is_global_zero:
         return
     try:
-        figure = plot_calibration(outcome)  # needs the optional matplotlib
+        figure = plot_calibration(outcome)
     except ImportError as missing:
         rank_zero_info(f"{owner}: no calibration plot ({missing}).")
         return

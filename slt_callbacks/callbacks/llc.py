@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from slt_callbacks.core.autocal import AutoCalibration
 from slt_callbacks.core.calibrate import Calibration
 from slt_callbacks.core.config import SGLDConfig
 from slt_callbacks.core.diagnostics import HealthCriteria
@@ -31,8 +32,8 @@ from slt_callbacks.snapshots import save_snapshot
 
 from ._background import BackgroundMixin, save_run_files
 from ._base import ScheduleLike, _ScheduledMonitor, callbacks_with
-from ._calibration import calibrate_in_run, publish_calibration
-from ._distributed import check_chain_split, estimate_on_ranks
+from ._calibration import calibrate_in_run, publish_decision, show_calibration
+from ._distributed import check_chain_split, estimate_on_ranks, gather
 from ._guard import FAILED_STATUS, FAILED_STATUS_CODE, Failure, OnFailure, attempt
 from ._health import report_health
 from ._llc_checks import check_default_n_beta, check_llc_arguments
@@ -224,6 +225,9 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         self._loss = LossAverage()
         self._dataset_batches: dict[str, list[Any]] = {}
         self._backend: str | None = None
+        # config="auto": when to calibrate, and the provisional config until then (autocal).
+        self._autocal: AutoCalibration | None = None
+        self._auto_status: str | None = None
 
     # -- state --------------------------------------------------------------------------------
 
@@ -232,12 +236,16 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         state["loss_ema"] = self._loss_value()
         state["n_beta"] = self.n_beta
         state["config"] = None if self.active_config is None else self.active_config.to_dict()
+        if self._autocal is not None:
+            state["autocal"] = self._autocal.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._loss.load(state_dict.get("loss_ema"))
         self.n_beta = state_dict.get("n_beta")
+        if self.config == "auto" and state_dict.get("autocal") is not None:
+            self._auto_policy().load_state_dict(state_dict["autocal"])
         saved = state_dict.get("config")
         if saved is None:
             return
@@ -256,6 +264,7 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         self._loss, self.n_beta = LossAverage(), None
         if self.config == "auto":
             self.active_config = None  # a fresh run calibrates on its own model
+            self._autocal, self._auto_status = None, None
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -346,7 +355,11 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         self.last_result, self.last_dataset_results = estimates.result, estimates.datasets
         entry = estimates.record(loss=loss, source=self.prefix).to_dict()
         del entry["step"]
-        return entry, estimates.metrics(self.prefix)
+        metrics = estimates.metrics(self.prefix)
+        if self._auto_status is not None:  # config="auto": 1 while estimates are provisional
+            metrics[self._key("calibration/provisional")] = float(
+                self._auto_status == "provisional")
+        return entry, metrics
 
     def _estimate(self, trainer: pl.Trainer, step: int, model: Any, loss_fn: LossFn,
                   batches: list[Any], *, config: SGLDConfig, components: Any, seed: int,
@@ -396,21 +409,43 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
 
     # -- helpers ------------------------------------------------------------------------------
 
+    # -- config="auto" (policy in slt_callbacks.core.autocal) ---------------------------------
+
+    def _auto_policy(self) -> AutoCalibration:
+        if self._autocal is None:
+            self._autocal = AutoCalibration(self.calibration.get("base") or SGLDConfig())
+        return self._autocal
+
     def _resolved_config(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> SGLDConfig:
-        """The config, calibrating once if ``config="auto"`` has not been resolved yet."""
+        """The config of this step's estimate. With ``config="auto"``: the provisional config
+        until :class:`~slt_callbacks.core.autocal.AutoCalibration` freezes a calibrated one
+        (never at step 0; at a step after a healthy estimate; only at a minimum)."""
         if self.active_config is not None:
             return self.active_config
         assert self._loss_fn is not None and self._sink is not None
-        chosen, outcome = calibrate_in_run(
-            trainer, pl_module, loss_fn=self._loss_fn, batches=self._batches,
-            options=self.calibration, seed=self.seed, step=step, owner=self._name,
-        )
+        policy = self._auto_policy()
+        last = None if self.last_result is None else self.last_result.status
+        outcome = None
+        if policy.should_calibrate(step, last):
+            outcome = calibrate_in_run(
+                trainer, pl_module, loss_fn=self._loss_fn, batches=self._batches,
+                options=self.calibration, seed=self.seed, step=step, owner=self._name,
+            )
+            self.last_calibration = outcome
+            show_calibration(self._sink, trainer, outcome, step, key=self._key,
+                             owner=self._name)
+        decision = policy.decide(outcome, step)
+        # Every rank must sample with the same config; rank zero's choice wins.
+        chosen = gather(decision.config, trainer)[0]
         check_chain_split(chosen, trainer.world_size, self._name)
-        self.active_config, self.last_calibration = chosen, outcome
-        publish_calibration(self._sink, trainer, outcome, chosen, step, key=self._key,
-                            owner=self._name)
+        if decision.frozen:
+            self.active_config = chosen
+        if decision.status != self._auto_status or outcome is not None:
+            publish_decision(self._sink, decision, chosen, outcome, step, key=self._key,
+                             owner=self._name)
+        self._auto_status = decision.status
         return chosen
 
     def _loss_value(self) -> float | None:

@@ -5,10 +5,11 @@ the next chunk starts. Each chain's batch order and noise are fixed before any c
 (:func:`~slt_callbacks.core.chains.run_chains`), so chunking changes the memory, never the
 numbers.
 
-What stays resident is every chain's own coordinates (``chains × Σ_k d_k`` numbers) and the
-shared w*; what a chunk adds per chain is its gradient buffer, the autograd gradients, the
-rebuilt copies of partly-owned parameters, and the activations of its forward pass, which are
-measured once by counting the tensors autograd saves for one chain's forward.
+A chunk's chains exist only while it runs (what survives is their loss traces), so the peak is
+the largest chunk's, on top of the shared w* and the pool. Per chain, a chunk holds its
+coordinates, its gradient buffer and autograd's gradients (3·d_k numbers), the rebuilt
+copies of partly-owned parameters and their gradients, and the activations of its forward
+pass, measured once by counting the tensors autograd saves for one chain's forward.
 """
 
 from __future__ import annotations
@@ -76,11 +77,10 @@ def plan_chunks(
     if max_memory is None:
         return [(k, 0, num_chains) for k in range(len(spaces))]
     itemsize = spaces[0].theta0.element_size()
-    resident = itemsize * num_chains * sum(s.size for s in spaces)
     if max_memory == "auto":
-        budget = int(AUTO_FRACTION * free_memory(spaces[0].theta0.device)) - resident
+        budget = int(AUTO_FRACTION * free_memory(spaces[0].theta0.device))
     else:
-        budget = int(max_memory) - resident
+        budget = int(max_memory)
     activations = activation_bytes(problem, spaces[0])  # the whole model: an upper bound
     chunks: list[Chunk] = []
     too_small = False
@@ -91,9 +91,8 @@ def plan_chunks(
         chunks += [(k, a, min(a + size, num_chains)) for a in range(0, num_chains, size)]
     if too_small:
         warnings.warn(
-            f"SGLDConfig(max_memory={max_memory!r}): the chains' own coordinates take "
-            f"{resident / 2**20:.0f} MiB and one chain's step about "
-            f"{(itemsize * 3 * spaces[0].size + activations) / 2**20:.0f} MiB more, which "
+            f"SGLDConfig(max_memory={max_memory!r}): one chain of the whole model needs "
+            f"about {(itemsize * 3 * spaces[0].size + activations) / 2**20:.0f} MiB, which "
             "does not fit; running one chain at a time anyway.",
             stacklevel=4,
         )

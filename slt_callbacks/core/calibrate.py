@@ -1,4 +1,5 @@
-r"""Choose the SGLD step size of an LLC estimate from short trial chains, and say why.
+r"""Choose the SGLD step size and localization of an LLC estimate from short trial chains,
+and say why.
 
 An LLC estimate (Lau et al. 2023) is only as good as its step size ε. Too small, and the
 chains have not left w* by the end of burn-in: λ̂ is biased *low* and rises as ε grows.
@@ -18,16 +19,32 @@ The rule (:func:`choose`), in order:
    :func:`~slt_callbacks.core.llc.estimate_llc` merely warns). On the closed-form cases of
    ``SLT_PRIMER`` §5, acceptance 0.95 went with ≈ +7 % bias and 0.88 with ≈ +25 %.
 2. **Neighbours agree.** Two neighbouring healthy step sizes ε₁ < ε₂ agree when
-   :math:`|\hat\lambda_2 - \hat\lambda_1| \le \max(s \cdot \log_{10}(\epsilon_2/\epsilon_1)
-   \cdot |\hat\lambda|,\; z \cdot \mathrm{se})`: the change is below ``max_slope`` = *s*
-   relative change per decade of step size, or within ``num_std_errors`` = *z* standard
-   errors, i.e. indistinguishable from noise. If λ̂ carries a bias linear in ε, a secant
-   slope *s* per decade over a half-decade step means a bias of about 0.73·*s* at the larger
-   step (0.2 per decade ↔ ≈ 15 %); under-mixing at small ε shows up as a steep rise and
-   fails the same test.
+   :math:`|\hat\lambda_2 - \hat\lambda_1| + z \cdot \mathrm{se} \le s \cdot
+   \log_{10}(\epsilon_2/\epsilon_1) \cdot |\hat\lambda|`: the change, plus ``num_std_errors``
+   = *z* standard errors of it, is below ``max_slope`` = *s* relative change per decade of
+   step size. This is an equivalence test: flatness must be *shown*, and noise cannot make
+   two points agree (short, under-mixed chains are noisy and read λ̂ low; a test that
+   accepted "within noise" found false plateaus there). If λ̂ carries a bias linear in ε,
+   a secant slope *s* per decade over a half-decade step means a bias of about 0.73·*s* at
+   the larger step (0.2 per decade ↔ ≈ 15 %).
 3. **Largest step of the flat region.** The flat region is the longest run of consecutive
-   healthy grid points whose neighbours all agree (ties: the run at larger steps); the
+   healthy grid points whose neighbours agree (ties: the run at larger steps); the
    recommendation is its largest step size.
+
+**The localization γ** is chosen by the same rule, one γ at a time: the ladder
+:data:`DEFAULT_LOCALIZATIONS` (1, 10, 100, 1000, 10⁴) is walked upward, a full ε grid at
+each γ, and the walk stops at the first γ whose chains stay local, that is, whose series has
+a verified flat region, or has a healthy point and no point whose chains escaped below
+L_n(w*) (``not_a_minimum``). So γ is the smallest value at which the chains stay local;
+λ̂ flat in ε is then checked at that γ. Why smallest: γ adds γ/2‖w − w*‖² to the
+potential, and at a singular minimum, where nβ·L_n grows only slowly away from w*, that
+term cuts the posterior off and biases λ̂ low (deep linear networks at γ = 100: 29–98 %
+low; SLT_PRIMER §8). A series that is merely not flat (short chains) is no reason to climb:
+a larger γ mixes faster and looks flatter, but flat at the wrong value. At a true minimum
+γ = 1 is therefore what the rule returns; near a saddle the small-γ chains escape along the
+descending directions (λ̂ < 0) and the ladder climbs until γ outweighs the negative
+curvature, γ ≳ nβ·|λ_min|. Pass ``localizations=[...]`` to sweep your own values in full
+(:func:`choose` applies the same order), or ``[γ]`` to fix it.
 
 All grid points reuse the same seed by default (*common random numbers*): chain *c* sees the
 same minibatch order and the same noise draws at every step size, so neighbouring estimates
@@ -36,13 +53,15 @@ is measured with a paired standard error 2–4× smaller than the unpaired one. 
 then a sharp test, not a test that passes because short chains are noisy.
 
 If no run of two agreeing points exists (the plateau is narrower than the grid spacing, or
-the calibration chains are too short to reach it), the healthy point where λ̂ depends least
-on ε (smallest mean relative slope to its grid neighbours) is recommended and the
-calibration is marked ``verified=False``. If no point is healthy, ``config`` is None and
-``reason`` says what to change. Both warn by default (``on_failure="warn"``), like an
-unhealthy LLC estimate; ``on_failure="raise"`` raises :class:`CalibrationError` instead.
+the calibration chains are too short to reach it), the largest healthy step is recommended
+and the calibration is marked ``verified=False``: without a plateau, λ̂(ε) of short chains
+rises with ε because small steps have not mixed (biased low), while the health checks
+(acceptance ≥ 0.9) already exclude the coarse steps that bias it high. If no point is
+healthy, ``config`` is None and ``reason`` says what to change. Both warn by default
+(``on_failure="warn"``), like an unhealthy LLC estimate; ``on_failure="raise"`` raises
+:class:`CalibrationError` instead.
 
-The default grid is centred on the primer's heuristic ε·nβ·λ_max = 0.1, spanning 1e-3 to 1
+The default grid is centred on the primer's heuristic ε·nβ·λ_max = 0.1, spanning 1e-3 to 3
 in half-decades, with λ_max from a few power iterations of Hessian-vector products. At a
 point where the Hessian carries no scale (nβ·λ_max ≤ γ, e.g. the origin of a linear
 network, where it vanishes) a fixed grid from 1e-7 to 1e-2 is used instead.
@@ -61,7 +80,7 @@ import numbers
 import statistics
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -81,6 +100,7 @@ from .functional import (
 from .llc import LLCResult, OnFailure, estimate_llc
 
 __all__ = [
+    "DEFAULT_LOCALIZATIONS",
     "DEFAULT_STEP_SIZES",
     "Calibration",
     "CalibrationError",
@@ -94,11 +114,17 @@ __all__ = [
 DEFAULT_STEP_SIZES: tuple[float, ...] = tuple(float(f"{10 ** (k / 2):.2g}") for k in range(-14, -3))
 """The fixed grid, 1e-7 to 1e-2 in half-decades, used when the curvature gives no scale."""
 
+DEFAULT_LOCALIZATIONS: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+"""The γ ladder tried, smallest first, until one gives a verified flat region in ε."""
+
 TARGET_STEP_CURVATURE = 0.1
 """ε·nβ·λ_max at the centre of the curvature-based grid (the primer's "≲ 0.1" heuristic)."""
 
-CURVATURE_GRID_EXPONENTS = range(-4, 3)
-"""Half-decade offsets from the centre: ε·nβ·λ_max from 1e-3 to 1."""
+CURVATURE_GRID_EXPONENTS = range(-4, 4)
+"""Half-decade offsets from the centre: ε·nβ·λ_max from 1e-3 to about 3, so that the health
+checks (acceptance, divergence at ε·nβ·λ_max ≈ 4), not the grid, bound the step size: at
+singular minima the chains mix slowly in the flat directions and the best step is often
+near the top of what the stiff directions allow (ε·nβ·λ_max ≈ 1)."""
 
 _HEALTHY_CRITERIA = HealthCriteria(min_acceptance=0.9)
 
@@ -270,13 +296,14 @@ class Choice(NamedTuple):
 def rule_text(*, max_slope: float, num_std_errors: float, min_acceptance: float) -> str:
     """The rule of :func:`choose` with its parameters, as one sentence."""
     return (
-        f"Among healthy points (no divergence, λ̂ > 0, no drift, acceptance ≥ "
-        f"{min_acceptance:g}), take the longest run of consecutive step sizes whose "
-        f"neighbours agree (λ̂ changes by at most {max_slope:.0%} per decade of step size, "
-        f"or by less than {num_std_errors:g} standard errors, paired across chains), and "
-        "choose the largest step size in it: flat means the discretisation bias is "
-        "negligible, largest means the chains mix fastest. Without such a run, the healthy "
-        "point where λ̂ depends least on the step size is chosen, marked unverified."
+        f"Smallest localization first, stopping at the first where the chains stay local "
+        f"(a healthy point and none not_a_minimum). Among healthy points (no divergence, "
+        f"λ̂ > 0, no drift, acceptance ≥ {min_acceptance:g}), take the longest run of "
+        f"consecutive step sizes whose neighbours agree (λ̂ changes, plus "
+        f"{num_std_errors:g} standard errors paired across chains, by at most "
+        f"{max_slope:.0%} per decade of step size), and choose the largest step size in it: "
+        "flat means the discretisation bias is negligible, largest means the chains mix "
+        "fastest. Without such a run, the largest healthy step is chosen, marked unverified."
     )
 
 
@@ -290,13 +317,15 @@ def choose(
 
     Points are grouped into series of equal ``(localization, n_beta)`` and sorted by step
     size. Series are tried in order of increasing localization (the least-biased first;
-    a larger γ keeps chains healthy but biases λ̂ low), then of first appearance of nβ; the
-    first series with a flat region wins. Within a series the rule is the module's
-    (see :mod:`slt_callbacks.core.calibrate`): among ``healthy`` points, the longest run of
-    consecutive grid points whose neighbours agree, and its largest step size.
+    a larger γ keeps chains healthy but biases λ̂ low), then of first appearance of nβ. The
+    first series with a flat region wins; the first series whose chains stay local (a
+    healthy point, none ``not_a_minimum``) ends the search even without one. Within a
+    series the rule is the module's (see :mod:`slt_callbacks.core.calibrate`): among
+    ``healthy`` points, the longest run of consecutive grid points whose neighbours agree,
+    and its largest step size.
 
-    Neighbours ε₁ < ε₂ agree when ``|λ̂₂ − λ̂₁| <= max(max_slope · log10(ε₂/ε₁) · scale,
-    num_std_errors · se)``, with ``scale`` the mean of ``|λ̂₁|`` and ``|λ̂₂|`` and ``se``
+    Neighbours ε₁ < ε₂ agree when ``|λ̂₂ − λ̂₁| + num_std_errors · se <= max_slope ·
+    log10(ε₂/ε₁) · scale``, with ``scale`` the mean of ``|λ̂₁|`` and ``|λ̂₂|`` and ``se``
     the standard error of the difference: paired (``std(λ̂₂,c − λ̂₁,c) / √chains``) when
     both points ran the same chains from the same seed, else ``√(s₁²/C₁ + s₂²/C₂)``.
 
@@ -310,9 +339,9 @@ def choose(
     Returns:
         A :class:`Choice` ``(index, reason, verified)``: the index into ``table`` (None
         when no point is healthy), a sentence saying why, and whether the choice lies in a
-        flat region. With healthy points but no agreeing pair, the flattest healthy point
-        (smallest mean relative slope of λ̂ to its finite grid neighbours) of the first
-        series that has a healthy point is returned with ``verified=False``.
+        flat region. Without an agreeing pair, the largest healthy step of the series where
+        the search ended (else of the first series with a healthy point) is returned with
+        ``verified=False``.
 
     Example:
         >>> rows = [CalibrationPoint(step_size=e, n_beta=100.0, localization=1.0,
@@ -338,48 +367,32 @@ def choose(
                 f"γ = {p.localization:g}."
             )
             return Choice(best, reason + _skipped_note(table, series, indices), True)
-    indices = next(s for s in series if any(table[i].healthy for i in s))
-    best, slope = _flattest(table, indices)
-    p = table[best]
-    where = (f"ε = {p.step_size:.2g} (nβ = {p.n_beta:.4g}, γ = {p.localization:g})")
-    if math.isfinite(slope):
-        why = (f"No two neighbouring healthy step sizes agree, so flatness is not verified; "
-               f"chose the healthy point where λ̂ depends least on the step size, {where}, "
-               f"where it changes by {slope:.0%} per decade.")
+        if _is_local(table, indices):
+            break  # the chains stay local here: a larger γ would only add bias
     else:
-        why = (f"Only one healthy point, {where}, with no finite neighbour: flatness could "
-               "not be checked.")
-    return Choice(best, why + (
+        indices = next(s for s in series if any(table[i].healthy for i in s))
+    best = max((i for i in indices if table[i].healthy), key=lambda i: table[i].step_size)
+    p = table[best]
+    where = f"ε = {p.step_size:.2g} (nβ = {p.n_beta:.4g}, γ = {p.localization:g})"
+    if sum(table[i].healthy for i in indices) == 1:
+        why = f"Only one healthy point, {where}: flatness could not be checked (not verified)."
+    else:
+        why = (f"No two neighbouring healthy step sizes agree closely enough to show a flat "
+               f"region, so flatness is not verified; chose the largest healthy step, "
+               f"{where}: short chains at small steps have not mixed and read λ̂ low, and "
+               "the health checks already exclude the coarse steps that read it high.")
+    return Choice(best, why + _skipped_note(table, series, indices) + (
         " Lengthen the calibration chains (num_burnin_steps, num_draws) or refine the grid "
         "around it, and check the full estimate's diagnostics."
     ), False)
 
 
-def _flattest(table: Sequence[CalibrationPoint], indices: list[int]) -> tuple[int, float]:
-    """The healthy point of a series with the smallest mean |relative slope| of λ̂ to its
-    finite grid neighbours (healthy or not: an under-mixed or coarse neighbour still shows
-    the trend); ties go to the larger step. Returns ``(index, slope per decade)``."""
-    best, best_slope = -1, math.inf
-    for k, i in enumerate(indices):
-        if not table[i].healthy:
-            continue
-        slopes = [
-            _relative_slope(table[i], table[indices[j]])
-            for j in (k - 1, k + 1)
-            if 0 <= j < len(indices) and math.isfinite(table[indices[j]].llc_mean)
-        ]
-        slope = statistics.fmean(slopes) if slopes else math.inf
-        if best < 0 or slope <= best_slope:
-            best, best_slope = i, slope
-    return best, best_slope
-
-
-def _relative_slope(a: CalibrationPoint, b: CalibrationPoint) -> float:
-    scale = 0.5 * (abs(a.llc_mean) + abs(b.llc_mean))
-    decades = abs(math.log10(b.step_size / a.step_size))
-    if scale == 0 or decades == 0:
-        return math.inf
-    return abs(b.llc_mean - a.llc_mean) / scale / decades
+def _is_local(table: Sequence[CalibrationPoint], indices: Iterable[int]) -> bool:
+    """A series whose chains stay local: some point is healthy and none escaped below
+    L_n(w*) (``not_a_minimum``). Then a larger γ is not needed, flat region or not."""
+    rows = [table[i] for i in indices]
+    return (any(p.healthy for p in rows)
+            and not any(p.status is Status.NOT_A_MINIMUM for p in rows))
 
 
 def _series(table: Sequence[CalibrationPoint]) -> list[list[int]]:
@@ -430,7 +443,10 @@ def agree(
     scale = 0.5 * (abs(lower.llc_mean) + abs(upper.llc_mean))
     se = difference_std_error(lower, upper)
     noise = num_std_errors * se if math.isfinite(se) else 0.0
-    return diff <= max(max_slope * decades * scale, noise)
+    # An equivalence test: the change plus its noise must fit the tolerance. Noisy short
+    # chains therefore cannot make two points "agree" (they did, on under-mixed chains of
+    # deep linear networks, and the rule then chose a step 25–35 % low).
+    return diff + noise <= max_slope * decades * scale
 
 
 def difference_std_error(a: CalibrationPoint, b: CalibrationPoint) -> float:
@@ -519,11 +535,14 @@ def calibrate(
     num_power_iterations: int = 20,
     on_failure: OnFailure = "warn",
 ) -> Calibration:
-    """Choose the SGLD step size (and optionally nβ and γ) for LLC estimates of ``model``.
+    """Choose the SGLD step size and localization (optionally nβ) for LLC estimates of
+    ``model``.
 
     Runs one short LLC estimate per grid point (``step_sizes`` × ``n_betas`` ×
     ``localizations``), judges each with the health checks, and applies :func:`choose`: the
-    largest step size of the region where λ̂ does not depend on the step size. The module
+    largest step size of the region where λ̂ does not depend on the step size, at the
+    smallest localization that has such a region (with ``localizations`` unset, the γ
+    ladder :data:`DEFAULT_LOCALIZATIONS` is walked upward and stops there). The module
     docstring states the rule and why; :meth:`Calibration.to_markdown` and
     :func:`slt_callbacks.plots.plot_calibration` show the evidence.
 
@@ -538,11 +557,14 @@ def calibrate(
             (so a shuffling DataLoader cannot give grid points different L_n).
         base: every field of the recommendation that is not calibrated (chain count and
             length of the full estimate, dtype, backend, ...); default ``SGLDConfig()``.
-        step_sizes: the ε grid; default: centred on ε·nβ·λ_max = 0.1, 1e-3 to 1 in
+        step_sizes: the ε grid; default: centred on ε·nβ·λ_max = 0.1, 1e-3 to 3 in
             half-decades, or :data:`DEFAULT_STEP_SIZES` where the Hessian at w* gives no
             scale (nβ·λ_max ≤ γ).
         n_betas: nβ values to sweep; default ``[base.n_beta]`` (not swept).
-        localizations: γ values to sweep; default ``[base.localization]``.
+        localizations: γ values to sweep in full; default: the ladder
+            :data:`DEFAULT_LOCALIZATIONS`, smallest first, stopping at the first γ with a
+            verified flat region (``base.localization`` is not used). Pass
+            ``[base.localization]`` to keep γ fixed.
         num_draws: draws per calibration chain.
         num_burnin_steps: burn-in steps per calibration chain. Chains too short to mix
             at the plateau leave it narrower than the grid spacing and the choice
@@ -593,7 +615,7 @@ def calibrate(
     choose([], max_slope=max_slope, num_std_errors=num_std_errors)  # validates both
     steps = None if step_sizes is None else _check_grid("step_sizes", step_sizes)
     betas = [base.n_beta] if n_betas is None else _check_grid("n_betas", n_betas)
-    gammas = ([base.localization] if localizations is None
+    ladder = (list(DEFAULT_LOCALIZATIONS) if localizations is None
               else _check_grid("localizations", localizations, allow_zero=True))
     params = trainable_parameters(model)
     if not params:
@@ -605,18 +627,46 @@ def calibrate(
     device = next(iter(params.values())).device
     pool = build_pool(data, num_batches=base.num_batches, device=device)
     batches = [pool.batch(i) for i in range(pool.num_batches)]
-    lam_max = float("nan")
+    lam_max, power_note = float("nan"), ""
     if num_power_iterations:
-        lam_max = top_hessian_eigenvalue(
-            model, loss_fn, batches[0], num_iterations=num_power_iterations,
-            generator=torch.Generator(device=device).manual_seed(seed),
-        )
+        try:
+            lam_max = top_hessian_eigenvalue(
+                model, loss_fn, batches[0], num_iterations=num_power_iterations,
+                generator=torch.Generator(device=device).manual_seed(seed),
+            )
+        except Exception as error:  # a numerical failure is a result here
+            power_note = (f"λ_max not estimated (power iteration failed: "
+                          f"{type(error).__name__}: {error}).")
+        if not math.isfinite(lam_max):
+            lam_max = float("nan")
     trial = replace(base, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
                     num_chains=num_chains)
-    plan, grid_note = _plan(steps, betas, gammas, trial, pool.num_samples, lam_max,
-                            num_power_iterations)
-    rows = _run_grid(model, loss_fn, batches, trial, plan, criteria, lam_max,
-                     _seeds(seed, len(plan), common_random_numbers))
+    # The γ ladder: smallest first, stopping at the first γ whose series is verified flat
+    # in ε (a larger γ only restrains the chains more and biases λ̂ low). An explicit
+    # `localizations` list is swept in full.
+    stop_early = localizations is None
+    rows: list[CalibrationPoint] = []
+    notes: list[str] = []
+    seeds_iter = _seeds(seed, common_random_numbers)
+    backend = trial.backend
+    for gamma in sorted(ladder):
+        plan, note = _plan(steps, betas, [gamma], trial, pool.num_samples, lam_max,
+                           num_power_iterations)
+        if note not in notes:
+            notes.append(note)
+        seeds = [next(seeds_iter) for _ in plan]
+        series, backend = _run_grid(model, loss_fn, batches, replace(trial, backend=backend),
+                                    plan, criteria, lam_max, seeds, pool.num_samples)
+        rows += series
+        # The ladder's stop is choose()'s own: a flat series, or one whose chains stay local.
+        if stop_early and (_is_local(series, range(len(series))) or choose(
+                series, max_slope=max_slope, num_std_errors=num_std_errors).verified):
+            break
+    grid_note = " ".join(notes) + (f" {power_note}" if power_note else "")
+    if stop_early:
+        tried = sorted({p.localization for p in rows})
+        grid_note += (f" γ ladder {', '.join(f'{g:g}' for g in DEFAULT_LOCALIZATIONS)}, "
+                      f"smallest first, stopped at γ = {tried[-1]:g}.")
 
     index, reason, verified = choose(rows, max_slope=max_slope, num_std_errors=num_std_errors)
     recommended = None
@@ -674,20 +724,51 @@ def _run_grid(
     criteria: HealthCriteria,
     lam_max: float,
     seeds: list[int],
-) -> list[CalibrationPoint]:
-    """One short LLC estimate per grid point, summarised as table rows."""
+    num_samples: int,
+) -> tuple[list[CalibrationPoint], str]:
+    """One short LLC estimate per grid point, summarised as table rows; also the backend
+    later points should use. An estimator that raises (a NaN at w*, a kernel without the
+    needed derivative) gives an unhealthy row with the error as its reason, never an
+    exception: a calibration inside a training run must not stop it."""
     rows: list[CalibrationPoint] = []
     backend = trial.backend
     for (eps, beta, gamma), seed in zip(plan, seeds, strict=True):
         config = replace(trial, step_size=eps, n_beta=beta, localization=gamma,
                          backend=backend)
-        result = estimate_llc(model, loss_fn, batches, config=config, seed=seed,
-                              on_failure="ignore", criteria=criteria)
+        start = time.perf_counter()
+        try:
+            result = estimate_llc(model, loss_fn, batches, config=config, seed=seed,
+                                  on_failure="ignore", criteria=criteria)
+        except Exception as error:  # a numerical failure is a result here
+            rows.append(_failed_point(config, config.resolved_n_beta(num_samples), seed,
+                                      error, time.perf_counter() - start))
+            continue
         if backend == "auto" and result.backend == "loop":
             backend = "loop"  # vmap failed once: do not retry (and warn) at every point
         rows.append(CalibrationPoint.from_result(
             result, seed=seed, step_curvature=eps * result.n_beta * abs(lam_max)))
-    return rows
+    return rows, backend
+
+
+def _failed_point(
+    config: SGLDConfig, n_beta: float, seed: int, error: Exception, seconds: float
+) -> CalibrationPoint:
+    """The row of a grid point whose estimate raised: no estimate (reported like a point
+    whose chains all diverged), the error as the reason."""
+    return CalibrationPoint(
+        step_size=config.step_size,
+        n_beta=n_beta,
+        localization=config.localization,
+        llc_mean=float("nan"),
+        llc_std=float("nan"),
+        num_chains=config.num_chains,
+        seed=seed,
+        status=Status.ALL_DIVERGED,
+        reasons=(f"The estimator failed at this grid point ({type(error).__name__}: "
+                 f"{error}); no estimate.",),
+        healthy=False,
+        seconds=seconds,
+    )
 
 
 def _step_grid(
@@ -706,7 +787,7 @@ def _step_grid(
         return sorted(set(grid)), (
             f"centred on ε·nβ·λ_max = {TARGET_STEP_CURVATURE:g} (ε = {centre:.2g} at "
             f"nβ = {n_beta:.4g}, λ_max = {lam_max:.3g} by power iteration), "
-            "ε·nβ·λ_max from 1e-3 to 1 in half-decades."
+            "ε·nβ·λ_max from 1e-3 to 3 in half-decades."
         )
     why = ("curvature not estimated (num_power_iterations=0)" if not num_power_iterations
            else f"the Hessian at w* gives no scale (nβ·λ_max = {scale:.2g} ≤ γ = "
@@ -716,11 +797,12 @@ def _step_grid(
     )
 
 
-def _seeds(seed: int, count: int, common: bool) -> list[int]:
-    if common:
-        return [seed] * count
+def _seeds(seed: int, common: bool) -> Iterator[int]:
+    """The seed of each grid point in table order: ``seed`` itself (common random numbers),
+    or one per point drawn from a generator seeded with ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    return [int(s) for s in torch.randint(0, 2**62, (count,), generator=g)]
+    while True:
+        yield seed if common else int(torch.randint(0, 2**62, (1,), generator=g))
 
 
 def _handle_failure(calibration: Calibration, on_failure: OnFailure) -> None:

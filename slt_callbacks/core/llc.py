@@ -184,23 +184,8 @@ def summarize(
     # Paired with the loss at w* of the same batch: the same expectation as
     # E[L_m(w)] - L_n(w*), without the batch-to-batch spread of the loss at w*.
     draws = loss[:, burnin:].double() - baseline.double()
-    finite = torch.isfinite(loss)
-    first_bad = torch.where(
-        finite.all(dim=1), -1, (~finite).double().argmax(dim=1)
-    ).long()
-    ok = first_bad < 0
-    llc = torch.where(ok, n_beta * draws.mean(dim=1), torch.nan)
-    half = draws.shape[1] // 2
-    first_half = n_beta * draws[:, :half].mean(dim=1)
-    second_half = n_beta * draws[:, half:].mean(dim=1)
-    summary = ChainSummary(
-        llc=llc,
-        diverged_at=first_bad,
-        acceptance=torch.where(ok, acceptance, torch.nan),
-        frac_below_init=(draws < 0).double().mean(dim=1),
-        llc_first_half=first_half,
-        llc_second_half=second_half,
-    )
+    summary = _chain_summary(loss, draws, acceptance, n_beta)
+    ok, llc = summary.ok, summary.llc
     kept = llc[ok]
     mean = float(kept.mean()) if kept.numel() else float("nan")
     std = float(kept.std()) if kept.numel() >= 2 else float("nan")
@@ -223,6 +208,26 @@ def summarize(
     )
 
 
+def _chain_summary(
+    loss: torch.Tensor, draws: torch.Tensor, acceptance: torch.Tensor, n_beta: float
+) -> ChainSummary:
+    """Per-chain λ̂ and health figures; a chain that ever went non-finite gets nan."""
+    finite = torch.isfinite(loss)
+    first_bad = torch.where(
+        finite.all(dim=1), -1, (~finite).double().argmax(dim=1)
+    ).long()
+    ok = first_bad < 0
+    half = draws.shape[1] // 2
+    return ChainSummary(
+        llc=torch.where(ok, n_beta * draws.mean(dim=1), torch.nan),
+        diverged_at=first_bad,
+        acceptance=torch.where(ok, acceptance, torch.nan),
+        frac_below_init=(draws < 0).double().mean(dim=1),
+        llc_first_half=n_beta * draws[:, :half].mean(dim=1),
+        llc_second_half=n_beta * draws[:, half:].mean(dim=1),
+    )
+
+
 def estimate_llc(
     model: nn.Module,
     loss_fn: LossFn,
@@ -238,22 +243,18 @@ def estimate_llc(
     """Estimate the LLC of ``model`` at its current weights, and restricted LLCs.
 
     Args:
-        model: any ``nn.Module``; left exactly as it was (parameters, buffers, train/eval
-            mode of every submodule, ``.grad``), and the global RNG state is not touched.
-            Its trainable parameters (``requires_grad=True``) are sampled; frozen
-            parameters and buffers stay fixed.
+        model: any ``nn.Module``, left exactly as it was (parameters, buffers, modes,
+            ``.grad``, global RNG). Its ``requires_grad`` parameters are sampled.
         loss_fn: ``loss_fn(model, batch) -> Tensor``, the scalar mean loss on ``batch``.
-        data: an iterable of batches (DataLoader, list of tensors / tuples / dicts), drawn
-            once into a pool of ``config.num_batches`` batches and cycled. For a
+        data: an iterable of batches (DataLoader, list of tensors / tuples / dicts) of any
+            shapes, drawn once into a pool (:mod:`~slt_callbacks.core.data`). For a
             data-restricted LLC pass the restricted data.
         config: SGLD hyperparameters; default :class:`SGLDConfig()`.
         components: weight-restricted LLCs: ``{name: selector}`` with a glob, a list of globs
             or ``{parameter_name: bool mask}`` (see :mod:`slt_callbacks.core.restrict`).
-            Component chains run in the same batched call as the global chains.
-        seed: seeds a private generator; ``None`` draws a fresh seed from the OS.
-        generator: use this generator instead (on the model's device); its state advances.
-        on_failure: ``"warn"`` (default): unhealthy estimates warn and are returned with
-            their status; ``"raise"``: raise :class:`LLCEstimationError`; ``"ignore"``.
+            Their chains carry only the component's coordinates (:mod:`.space`).
+        seed: seeds a private generator (None: a fresh seed); or pass ``generator``.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` an unhealthy estimate.
         criteria: thresholds of the health checks.
 
     Returns:

@@ -14,6 +14,7 @@ exactly r); :func:`minimal_rank_teacher` builds such a point.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -45,6 +46,92 @@ def reduced_rank_regression_lambda(m: int, h: int, n: int, r: int) -> float:
         return m * n / 2
     lam = (2 * (h + r) * (m + n) - (m - n) ** 2 - (h + r) ** 2) / 8
     return lam + (1 / 8 if (m + h + n + r) % 2 else 0.0)
+
+
+def deep_linear_lambda(widths: list[int] | tuple[int, ...], r: int) -> float:
+    r"""Learning coefficient of a deep linear network ``x -> W_L ... W_1 x`` (no biases) with
+    layer widths ``widths = (H_1, ..., H_{L+1})`` (input first, output last) at a true map of
+    rank ``r`` (Aoyagi 2024).
+
+    With :math:`M_i = H_i - r`, Aoyagi's theorem takes the subset :math:`\Sigma` of the
+    indices, of size :math:`\ell + 1`, that satisfies
+
+    .. math::
+
+        \max_{\sigma\in\Sigma} M_\sigma < \min_{k
+otin\Sigma} M_k,\qquad
+        \ell \max_{\sigma\in\Sigma} M_\sigma \le S < \ell \min_{k
+otin\Sigma} M_k,
+        \qquad S = \sum_{\sigma\in\Sigma} M_\sigma
+
+    (the conditions on the complement are void when it is empty), and with
+    :math:`a = S - \ell(\lceil S/\ell
+ceil - 1) \in \{1, \dots, \ell\}`
+
+    .. math::
+
+        \lambda = rac{r(H_1 + H_{L+1}) - r^2}{2} + rac{a(\ell - a)}{4\ell}
+                  - rac{\ell(\ell-1)}{4}\Bigl(rac{S}{\ell}\Bigr)^2
+                  + rac12 \sum_{\sigma<	au \in \Sigma} M_\sigma M_	au .
+
+    Such a subset is always a set of the smallest :math:`M_i`: sort them; the two smallest
+    satisfy the left inequality, and whenever a prefix of the sorted list fails the right one
+    (or the strict separation), the prefix one longer satisfies the left one; so the first
+    prefix of at least two entries that satisfies both is the subset, and the whole list
+    satisfies the left one if no shorter prefix did.
+
+    For two layers this is the reduced-rank regression coefficient of Aoyagi & Watanabe
+    (2005), :func:`reduced_rank_regression_lambda` (``widths = (m, h, n)``); for one layer it
+    is the regular value ``mn/2``.
+
+    References:
+        M. Aoyagi, "Consideration on the learning efficiency of multiple-layered neural
+        networks with linear units", Neural Networks 172, 2024.
+        M. Aoyagi, S. Watanabe, "Stochastic complexities of reduced rank regression in
+        Bayesian estimation", Neural Networks 18, 2005.
+
+    Example:
+        >>> deep_linear_lambda((3, 2, 4), 1)       # = reduced_rank_regression_lambda(3, 2, 4, 1)
+        4.0
+        >>> deep_linear_lambda((1, 1, 1, 1), 0)    # K = (w1 w2 w3)^2: a normal crossing
+        0.5
+    """
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, (list, tuple)):
+        raise ValueError(
+            f"Expected argument `widths` to be a list or tuple of ints but got "
+            f"{type(widths).__name__}."
+        )
+    if len(widths) < 2:
+        raise ValueError(
+            f"Expected argument `widths` to hold at least two widths (input and output) but "
+            f"got {list(widths)}."
+        )
+    widths = [check_int(f"widths[{i}]", w) for i, w in enumerate(widths)]
+    r = check_int("r", r, minimum=0)
+    if r > min(widths):
+        raise ValueError(f"Expected `r` <= min(widths) = {min(widths)} but got {r}.")
+    m = sorted(w - r for w in widths)
+    for size in range(2, len(m) + 1):
+        ell, subset, rest = size - 1, m[:size], m[size:]
+        total = sum(subset)
+        if total < ell * subset[-1]:
+            continue
+        if rest and not (subset[-1] < rest[0] and total < ell * rest[0]):
+            continue
+        break
+    else:  # pragma: no cover - excluded by the argument in the docstring
+        raise AssertionError(f"no subset satisfies Aoyagi's conditions for {widths}, r={r}")
+    a = total - ell * (-(-total // ell) - 1)
+    pairs = sum(subset[i] * subset[j] for i in range(size) for j in range(i + 1, size))
+    # Exact rational arithmetic: the value is a multiple of 1/(4ℓ), and floats would print
+    # 5.499999999999998 for 11/2.
+    lam = (
+        Fraction(r * (widths[0] + widths[-1]) - r * r, 2)
+        + Fraction(a * (ell - a), 4 * ell)
+        - Fraction(ell - 1, 4 * ell) * total * total
+        + Fraction(pairs, 2)
+    )
+    return float(lam)
 
 
 def normal_crossing_lambda(powers: list[int]) -> float:
@@ -131,6 +218,53 @@ def minimal_rank_teacher(m: int, h: int, n: int, r: int, *, seed: int = 0) -> Tw
     return model
 
 
+class DeepLinear(nn.Module):
+    """``x -> W_L ... W_1 x`` without biases (a deep linear network), float64; ``widths`` =
+    ``(input, hidden..., output)``; the layers are ``self.layers[0]`` ... ``[L-1]``."""
+
+    def __init__(self, widths: list[int] | tuple[int, ...]) -> None:
+        super().__init__()
+        if len(widths) < 2:
+            raise ValueError(
+                f"Expected argument `widths` to hold at least two widths but got {widths}."
+            )
+        self.widths = tuple(check_int(f"widths[{i}]", w) for i, w in enumerate(widths))
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b, bias=False, dtype=torch.float64)
+            for a, b in zip(self.widths[:-1], self.widths[1:], strict=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def minimal_rank_deep_linear_teacher(
+    widths: list[int] | tuple[int, ...], r: int, *, seed: int = 0
+) -> DeepLinear:
+    """A deep linear network in the most singular set of true parameters of rank ``r``: every
+    layer has rank exactly ``r`` (the first ``r`` units of each hidden layer carry the map,
+    all other weights are zero). Its local learning coefficient is
+    :func:`deep_linear_lambda` ``(widths, r)``."""
+    model = DeepLinear(widths)
+    r = check_int("r", r, minimum=0)
+    if r > min(model.widths):
+        raise ValueError(f"Expected `r` <= min(widths) = {min(model.widths)} but got {r}.")
+    g = torch.Generator().manual_seed(seed)
+    last = len(model.layers) - 1
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            layer.weight.zero_()
+            if not r:
+                continue
+            rows = slice(None) if i == last else slice(0, r)
+            cols = slice(None) if i == 0 else slice(0, r)
+            block = layer.weight[rows, cols]
+            block.copy_(torch.randn(block.shape, generator=g, dtype=torch.float64))
+    return model
+
+
 class NormalCrossing(nn.Module):
     """``K(w) = Π w_i^(2 k_i)`` at ``w* = 0`` (float64), with λ =
     :func:`normal_crossing_lambda` ``(powers)``; its loss ignores the data:
@@ -149,10 +283,13 @@ class NormalCrossing(nn.Module):
 
 
 __all__ = [
+    "DeepLinear",
     "NormalCrossing",
     "TwoLayerLinear",
+    "deep_linear_lambda",
     "finite_temperature_llc_2d",
     "gaussian_nll",
+    "minimal_rank_deep_linear_teacher",
     "minimal_rank_teacher",
     "normal_crossing_lambda",
     "reduced_rank_regression_lambda",

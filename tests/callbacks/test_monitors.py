@@ -537,7 +537,10 @@ def test_snapshots_let_a_user_recompute_the_estimate(tmp_path):
     assert again.llc_mean == monitor.history[-1]["llc"]
 
 
-def test_config_auto_calibrates_once_and_keeps_the_choice(tmp_path, monkeypatch):
+def test_config_auto_shows_its_sweep_and_survives_a_checkpoint(tmp_path, monkeypatch):
+    """The calibration policy itself (never at step 0, provisional until verified at a
+    minimum) is tested in tests/callbacks/test_autocal.py; here: the sweep is kept and drawn
+    and the monitor's choice survives a checkpoint."""
     calls = []
     real = calibration_module.calibrate
 
@@ -551,21 +554,20 @@ def test_config_auto_calibrates_once_and_keeps_the_choice(tmp_path, monkeypatch)
     monitor = LLCMonitor(config="auto", schedule=[1, 2, 3], calibration=options)
     trainer = make_trainer(tmp_path, [monitor], max_steps=3)
     with warnings.catch_warnings():
-        # Mid-training, w* is no minimum: calibration falls back to `base` and says so.
-        warnings.filterwarnings("ignore", message="LLCMonitor: calibration at step")
+        # Mid-training, w* is no minimum: the config stays provisional and says so.
+        warnings.filterwarnings("ignore", message="LLCMonitor")
         fit_quietly(trainer, TinyRegressor(), loader())
-    assert len(calls) == 1 and len(monitor.history) == 3
-    chosen = monitor.active_config
-    assert chosen.step_size in (1e-5, 1e-4) and chosen.num_draws == FAST.num_draws
+    assert len(calls) >= 1 and len(monitor.history) == 3
     # The sweep behind the choice is kept and drawn (a PNG next to the CSV logs: no W&B here).
-    assert [p.step_size for p in monitor.last_calibration.table] == [1e-5, 1e-4]
+    assert [p.step_size for p in monitor.last_calibration.table][:2] == [1e-5, 1e-4]
     png = tmp_path / "csv" / "version_0" / "slt_calibration.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     state = roundtrip(monitor.state_dict())
     resumed = LLCMonitor(config="auto", calibration=options)
     resumed.load_state_dict(state)
-    assert resumed.active_config == chosen and resumed.history == monitor.history
+    assert resumed.active_config == monitor.active_config
+    assert resumed.history == monitor.history
 
 
 def roundtrip(state):

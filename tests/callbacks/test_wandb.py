@@ -81,8 +81,10 @@ def test_auto_config_logs_the_calibration_sweep_as_table_and_image(tmp_path, off
 
     save_dir = tmp_path / "save"
     logger = WandbLogger(offline=True, save_dir=save_dir, project="slt-callbacks-test")
-    options = {"base": FAST, "step_sizes": [1e-5, 1e-4], "num_draws": 10,
-               "num_burnin_steps": 5, "num_chains": 2, "num_power_iterations": 0}  # fmt: skip
+    # One localization: the sweep is then exactly the two step sizes.
+    options = {"base": FAST, "step_sizes": [1e-5, 1e-4], "localizations": [1.0],
+               "num_draws": 10, "num_burnin_steps": 5, "num_chains": 2,
+               "num_power_iterations": 0}  # fmt: skip
     monitor = LLCMonitor(config="auto", schedule=[1, 2], calibration=options)
     trainer = make_trainer(tmp_path, [monitor], max_steps=2, logger=logger)
     with warnings.catch_warnings():
@@ -96,4 +98,5 @@ def test_auto_config_logs_the_calibration_sweep_as_table_and_image(tmp_path, off
     assert table_row["slt/calibration/table"]["nrows"] == 2
     (image_row,) = rows_with(run, "slt/calibration/plot")
     assert image_row["slt/calibration/plot"]["_type"] == "images/separated"
-    assert run["config"]["slt/sgld"]["step_size"] == monitor.active_config.step_size
+    # The run config names the config the estimates used (frozen or provisional).
+    assert run["config"]["slt/sgld"]["step_size"] == monitor.last_result.config.step_size

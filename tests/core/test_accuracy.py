@@ -7,6 +7,7 @@ test either always passes or always fails on a given PyTorch build.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -15,7 +16,9 @@ from torch import nn
 
 from slt_callbacks import SGLDConfig, estimate_llc
 from slt_callbacks.core.theory import (
+    deep_linear_lambda,
     finite_temperature_llc_2d,
+    minimal_rank_deep_linear_teacher,
     normal_crossing_lambda,
     reduced_rank_regression_lambda,
 )
@@ -48,6 +51,62 @@ def test_closed_forms_match_primer_cases():
     assert normal_crossing_lambda([1, 2]) == 0.25
     with pytest.raises(ValueError, match="`r`"):
         reduced_rank_regression_lambda(2, 2, 2, 3)
+
+
+def test_deep_linear_formula_reduces_to_reduced_rank_regression_at_depth_two():
+    """Aoyagi's general-depth formula against the separate case analysis of Aoyagi &
+    Watanabe (2005) for every two-layer net up to width 7 and every rank: 7³ shapes, all
+    four cases and both parities of the last one."""
+    for m in range(1, 8):
+        for h in range(1, 8):
+            for n in range(1, 8):
+                for r in range(min(m, h, n) + 1):
+                    assert deep_linear_lambda((m, h, n), r) == pytest.approx(
+                        reduced_rank_regression_lambda(m, h, n, r), abs=1e-12
+                    ), (m, h, n, r)
+
+
+def test_deep_linear_formula_known_small_cases():
+    # One layer is a regular model: d/2 with d = m·n, whatever the rank.
+    assert deep_linear_lambda((3, 4), 0) == 6.0 and deep_linear_lambda((3, 4), 2) == 6.0
+    # A chain of scalars at rank 0 is the normal crossing K = (w1···wL)², λ = 1/2 at any
+    # depth (the multiplicity grows with depth, λ does not).
+    for depth in range(1, 8):
+        assert deep_linear_lambda([1] * (depth + 1), 0) == pytest.approx(
+            normal_crossing_lambda([1] * depth))
+    # Rank 1 of a scalar chain: the product map w1···wL is a submersion at a non-zero
+    # point, so λ = (dimension of the map) / 2 = 1/2.
+    assert deep_linear_lambda((1, 1, 1, 1), 1) == 0.5
+    # Full rank through square layers: the product is a submersion onto all n×n maps, n²/2.
+    assert deep_linear_lambda((3, 3, 3, 3), 3) == 4.5
+    # Hand-evaluated from the theorem: (4,3,3,4), r = 1 has M = (3,2,2,3); Σ = all four
+    # (ℓ = 3, S = 10, a = 1): 7/2 + 2/12 − (6/4)(100/9) + 37/2 = 11/2.
+    assert deep_linear_lambda((4, 3, 3, 4), 1) == 5.5
+    # Wide hidden layers do not count: for (2, 9, 9, 2) at rank 0 the subset is input and
+    # output (M = 2, 2 < 9), λ = 2·2/2 = m·n/2, as if the map were one free layer.
+    assert deep_linear_lambda((2, 9, 9, 2), 0) == 2.0
+    # λ never exceeds half the number of parameters.
+    for widths, r in [((4, 3, 3, 4), 1), ((3, 3, 3, 3, 3), 1), ((5, 2, 6, 3), 2)]:
+        d = sum(a * b for a, b in itertools.pairwise(widths))
+        assert 0 < deep_linear_lambda(widths, r) <= d / 2
+
+
+def test_deep_linear_formula_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="`r`"):
+        deep_linear_lambda((3, 2, 4), 3)
+    with pytest.raises(ValueError, match="`widths`"):
+        deep_linear_lambda((3,), 0)
+    with pytest.raises(ValueError, match="widths"):
+        deep_linear_lambda("342", 0)
+
+
+def test_minimal_rank_deep_linear_teacher_has_rank_r_in_every_layer():
+    teacher = minimal_rank_deep_linear_teacher((4, 3, 3, 3, 4), 2, seed=1)
+    assert [int(torch.linalg.matrix_rank(layer.weight)) for layer in teacher.layers] == [2] * 4
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert teacher(x).shape == (5, 4)
+    origin = minimal_rank_deep_linear_teacher((2, 3, 2), 0)
+    assert all(not layer.weight.any() for layer in origin.layers)
 
 
 def test_regular_linear_regression_is_half_the_dimension():
@@ -148,3 +207,26 @@ def test_restricted_llc_equals_llc_of_the_reduced_model():
     assert restricted.llc_mean == pytest.approx(2.0, rel=0.15)
     assert full.llc_mean == pytest.approx(2.0, rel=0.15)
     assert restricted.llc_mean == pytest.approx(full.llc_mean, rel=0.15)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("widths", "r"), [((4, 3, 5), 1), ((4, 3, 3, 4), 1), ((3, 3, 3, 3, 3), 1)],
+    ids=["depth2", "depth3", "depth4"],
+)
+def test_calibrated_config_on_deep_linear_networks(widths, r):
+    """calibrate() at its defaults (γ ladder, ε grid, chain lengths) on minimal-rank deep
+    linear networks, then a full 4 × 10k estimate with its choice: within 20% of Aoyagi's
+    λ (issue #9's target; benchmarks/results/calibration_cpu.md has the measured errors),
+    and the chosen γ is the smallest rung, 1, since w* is a true minimum."""
+    from slt_callbacks.core.calibrate import calibrate
+
+    model = minimal_rank_deep_linear_teacher(widths, r, seed=0)
+    data = regression_data(model, widths[0], n=N)
+    base = SGLDConfig(n_beta=wbic_n_beta(N), num_chains=4, num_draws=10_000,
+                      num_burnin_steps=1000)
+    cal = calibrate(model, mse_half, data, base=base, seed=0, on_failure="ignore")
+    assert cal.config is not None, cal.to_markdown()
+    assert cal.config.localization == 1.0, cal.to_markdown()
+    result = estimate_llc(model, mse_half, data, config=cal.config, seed=0)
+    assert result.llc_mean == pytest.approx(deep_linear_lambda(widths, r), rel=0.2)
