@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 from slt_callbacks import LLCMonitor
-from slt_callbacks.callbacks import llc as llc_module
+from slt_callbacks.callbacks import _calibration as calibration_module
 
 from .helpers import FAST, TinyRegressor, loader, make_trainer, read_csv_metrics, rows_with
 
@@ -17,14 +17,14 @@ def fit_recording(tmp_path, monkeypatch, schedule):
     """Fit with config="auto"; return the monitor, the steps calibrate() ran at, the
     provisional flags logged and the warnings."""
     steps = []
-    real = llc_module.calibrate
+    real = calibration_module.calibrate
     holder = {}
 
     def recording(model, *args, **kwargs):
         steps.append(holder["trainer"].global_step)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(llc_module, "calibrate", recording)
+    monkeypatch.setattr(calibration_module, "calibrate", recording)
     monitor = LLCMonitor(config="auto", schedule=schedule, calibration=OPTIONS)
     holder["trainer"] = trainer = make_trainer(tmp_path, [monitor], max_steps=max(schedule) + 1)
     with warnings.catch_warnings(record=True) as caught:
