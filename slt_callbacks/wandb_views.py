@@ -18,12 +18,131 @@ and is meant to be called once per project, by hand, not from a training run::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .sinks import STEP_METRIC
+from .analysis.online import StageEvent, StageKind
+from .analysis.retrospective import StageBoundary
+from .sinks import STEP_METRIC, AlertLevel, MetricSink
 
-__all__ = ["stage_workspace"]
+__all__ = [
+    "BOUNDARY_COLUMNS",
+    "EVENT_COLUMNS",
+    "KIND_MEANING",
+    "alert_stage_event",
+    "log_boundaries",
+    "log_component_chart",
+    "log_stage_events",
+    "stage_workspace",
+]
+
+# -- how stage events and boundaries are shown (through a MetricSink: W&B tables, alerts and
+# charts where a WandbLogger is attached, nothing otherwise) -------------------------------
+
+EVENT_COLUMNS = [
+    "step", "detected_at", "component", "kind", "shape", "previous_regime", "new_regime",
+    "llc_before", "llc", "loss", "stage", "delay", "message",
+]
+"""Columns of the ``<prefix>stage_events`` W&B table, one row per online event."""
+
+BOUNDARY_COLUMNS = [
+    "component", "step", "kind", "previous_regime", "new_regime", "llc", "loss", "slope",
+    "stage", "matched_event_step", "message",
+]
+"""Columns of the ``<prefix>stage_boundaries`` W&B table, one row per retrospective boundary."""
+
+KIND_MEANING = {
+    StageKind.ACQUIRE: (
+        "λ̂ goes up while the loss falls: the model is acquiring structure, e.g. learning the "
+        "next mode or forming a circuit (stage type A of Hoogland et al. 2024). Estimates "
+        "before it at a saddle (λ̂ < 0) are not complexities; their jump is the transition."
+    ),
+    StageKind.SIMPLIFY: (
+        "λ̂ falls while the loss stays flat: the model is simplifying, reaching the same loss "
+        "with a more degenerate solution (stage type B of Hoogland et al. 2024). The loss "
+        "curve alone does not show this."
+    ),
+    StageKind.TURN: (
+        "λ̂ changed in another way (e.g. its rise levelled off): a stage boundary whose type "
+        "the loss does not settle. Look at the loss and λ̂ around this step."
+    ),
+}
+"""What each kind of event means, in the words used in alerts."""
+
+
+def log_stage_events(
+    sink: MetricSink, prefix: str, events: Sequence[StageEvent], step: int
+) -> None:
+    """Add ``events`` as rows of the ``<prefix>stage_events`` table."""
+    rows = [[event.to_dict()[c] for c in EVENT_COLUMNS] for event in events]
+    sink.log_table(f"{prefix}stage_events", EVENT_COLUMNS, rows, step=step)
+
+
+def alert_stage_event(
+    sink: MetricSink, prefix: str, event: StageEvent, level: AlertLevel, wait_s: float
+) -> None:
+    """One W&B alert for ``event``, throttled per scope (the global λ̂, or all components
+    together) to one per ``wait_s`` seconds, so a noisy run cannot flood anyone."""
+    scope = "llc" if event.component is None else "components"
+    kind = StageKind(event.kind)
+    sink.alert(
+        f"Stage transition ({prefix}{scope})",
+        f"{event.message}\n{kind.value}: {KIND_MEANING[kind]}\nAll events: the "
+        f"{prefix}stage_events table.",
+        level=level,
+        wait_duration_s=wait_s,
+    )
+
+
+def log_boundaries(
+    sink: MetricSink,
+    prefix: str,
+    boundaries: Mapping[str | None, Sequence[StageBoundary]],
+    comparisons: Mapping[str | None, Mapping[str, Any]],
+    step: int,
+) -> None:
+    """The ``<prefix>stage_boundaries`` table: every retrospective boundary, with the step
+    of the online event matched to it."""
+    rows = []
+    for name, found in boundaries.items():
+        pairs = comparisons.get(name, {}).get("pairs", [])
+        for boundary in found:
+            values = boundary.to_dict()
+            values["component"] = name
+            values["matched_event_step"] = next(
+                (p["event_step"] for p in pairs if p["boundary_step"] == boundary.step), None
+            )
+            rows.append([values[c] for c in BOUNDARY_COLUMNS])
+    if rows:
+        sink.log_table(f"{prefix}stage_boundaries", BOUNDARY_COLUMNS, rows, step=step)
+
+
+def log_component_chart(
+    sink: MetricSink, prefix: str, records: Sequence[Any], step: int
+) -> None:
+    """λ̂ of every component in one multi-line chart (``<prefix>llc_by_component``); points
+    where the estimate is not a complexity (not healthy) are left out."""
+    names: list[str] = []
+    for record in records:
+        names += [name for name in record.components if name not in names]
+    with_parts = [record for record in records if record.components]
+    if not names:
+        return
+    lines = {
+        name: [_complexity(record.components.get(name)) for record in with_parts]
+        for name in names
+    }
+    sink.log_line_series(
+        f"{prefix}llc_by_component", [r.step for r in with_parts], lines,
+        title="λ̂ per component", step=step,
+    )
+
+
+def _complexity(value: tuple[float, float, str] | None) -> float | None:
+    if value is None or value[2] != "healthy" or value[0] != value[0]:
+        return None
+    return float(value[0])
+
 
 _INSTALL = (
     "slt_callbacks.wandb_views needs the optional package `wandb-workspaces` "

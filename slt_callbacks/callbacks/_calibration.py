@@ -1,11 +1,12 @@
-"""``config="auto"`` at run time: run the calibration where the policy says, and show why.
+"""``config="auto"`` at run time: calibrate where it makes sense, and show why.
 
-The rule that chooses the step size is :func:`~slt_callbacks.core.calibrate.calibrate` (torch
-only) and *when* to calibrate is :class:`~slt_callbacks.core.autocal.AutoCalibration`; this
-module runs the sweep inside a training run: on every DDP rank, through the failure guard (a
-calibration that raises fails that step, not the run), and publishes the sweep behind the
-choice: the run config, a W&B table and image with a ``WandbLogger``, else a PNG next to the
-logs.
+The rule that chooses the step size and localization is
+:func:`~slt_callbacks.core.calibrate.calibrate` and the rule that decides *when* is
+:class:`~slt_callbacks.core.autocal.AutoCalibration` (both torch only); this module runs them
+inside a training run: on every DDP rank (rank zero's choice
+wins, so that all ranks sample with one config), through the failure guard (a calibration
+that raises fails that step, not the run), and publishes the sweep behind the choice: the
+run config, a W&B table and image with a ``WandbLogger``, else a PNG next to the logs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from slt_callbacks.core.autocal import AutoCalibration
 from slt_callbacks.core.calibrate import Calibration, calibrate
 from slt_callbacks.core.config import SGLDConfig
 from slt_callbacks.plots import plot_calibration
@@ -28,22 +30,83 @@ from ._guard import attempt, raise_if_any_failed
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["calibrate_in_run", "check_config", "publish_decision", "show_calibration"]
+__all__ = ["RunCalibration", "check_config", "publish_sweep"]
 
 
-def calibrate_in_run(
+class RunCalibration:
+    """``config="auto"`` inside a run: when to calibrate and which config to use until then.
+
+    The decisions are :class:`~slt_callbacks.core.autocal.AutoCalibration`'s (never at step 0,
+    a provisional config until a verified calibration at a minimum, never a silent
+    fallback); this class runs them inside Lightning and keeps their state for checkpoints.
+    """
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.options = dict(options)
+        self.policy = AutoCalibration(self.options.get("base") or SGLDConfig())
+        #: ``"provisional"``, ``"calibrated"``, ``"fallback"``, ... (None before the first step).
+        self.status: str | None = None
+        #: The latest calibration sweep, if any.
+        self.last: Calibration | None = None
+
+    @property
+    def provisional(self) -> bool:
+        return self.status == "provisional"
+
+    def config_for(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        *,
+        loss_fn: Any,
+        batches: list[Any],
+        seed: int,
+        step: int,
+        last_status: str | None,
+        sink: MetricSink,
+        key: Callable[[str], str],
+        owner: str,
+    ) -> tuple[SGLDConfig, bool]:
+        """The config of this step's estimate and whether it is frozen for the run."""
+        outcome = None
+        if self.policy.should_calibrate(step, last_status):
+            outcome = _calibrate(trainer, pl_module, loss_fn, batches, self.options, seed, step)
+            rank_zero_info(f"{owner} calibration at step {step}:\n{outcome.to_markdown()}")
+            self.last = outcome
+            publish_sweep(sink, trainer, outcome, step, key=key, owner=owner)
+        decision = self.policy.decide(outcome, step)
+        # Every rank must sample with the same config; rank zero's choice wins.
+        chosen = gather(decision.config, trainer)[0]
+        if decision.status != self.status or outcome is not None:
+            if decision.status != "calibrated":
+                rank_zero_warn(f"{owner} (config='auto'): {decision.reason}")
+            sink.update_config({
+                key("sgld"): chosen.to_dict(),
+                key("calibration/status"): decision.status,
+                key("calibration/step"): step,
+                key("calibration/verified"): outcome is not None and outcome.verified,
+                key("calibration/reason"): decision.reason,
+            })  # fmt: skip
+        self.status = decision.status
+        return chosen, decision.frozen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy.state_dict(), "status": self.status}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.status = state.get("status")
+
+
+def _calibrate(
     trainer: pl.Trainer,
     pl_module: pl.LightningModule,
-    *,
     loss_fn: Any,
     batches: list[Any],
     options: Mapping[str, Any],
     seed: int,
     step: int,
-    owner: str,
 ) -> Calibration:
-    """One calibration sweep at ``step`` on every rank (the policy in
-    :mod:`slt_callbacks.core.autocal` decides when, and what to do with it)."""
     options = {"on_failure": "ignore", **options}
     options.setdefault("seed", derive_seed(seed, step, 0, "calibrate"))
     # Through `attempt` and the gather: a failure on one rank fails the step on all.
@@ -51,33 +114,10 @@ def calibrate_in_run(
                         rank=trainer.global_rank)  # fmt: skip
     raise_if_any_failed(gather(attempted, trainer) if trainer.world_size > 1 else [attempted])
     assert isinstance(attempted, Calibration)
-    rank_zero_info(f"{owner} calibration at step {step}:\n{attempted.to_markdown()}")
     return attempted
 
 
-def publish_decision(
-    sink: MetricSink,
-    decision: Any,
-    chosen: SGLDConfig,
-    outcome: Calibration | None,
-    step: int,
-    *,
-    key: Callable[[str], str],
-    owner: str,
-) -> None:
-    """The config in use and why into the run config; a warning unless it is calibrated."""
-    if decision.status != "calibrated":
-        rank_zero_warn(f"{owner} (config='auto'): {decision.reason}")
-    sink.update_config({
-        key("sgld"): chosen.to_dict(),
-        key("calibration/status"): decision.status,
-        key("calibration/step"): step,
-        key("calibration/verified"): outcome is not None and outcome.verified,
-        key("calibration/reason"): decision.reason,
-    })  # fmt: skip
-
-
-def show_calibration(
+def publish_sweep(
     sink: MetricSink,
     trainer: pl.Trainer,
     outcome: Calibration,
@@ -86,8 +126,7 @@ def show_calibration(
     key: Callable[[str], str],
     owner: str,
 ) -> None:
-    """The sweep behind a choice: a W&B table and image with a WandbLogger, else a PNG next
-    to the logs (the picture needs the optional matplotlib)."""
+    """The calibration sweep as a table and a picture (W&B, else a PNG next to the logs)."""
     rows = [point.to_dict() for point in outcome.table]
     columns = list(rows[0]) if rows else []
     sink.log_table(key("calibration/table"), columns,
@@ -95,7 +134,7 @@ def show_calibration(
     if not trainer.is_global_zero:
         return
     try:
-        figure = plot_calibration(outcome)
+        figure = plot_calibration(outcome)  # needs the optional matplotlib
     except ImportError as missing:
         rank_zero_info(f"{owner}: no calibration plot ({missing}).")
         return

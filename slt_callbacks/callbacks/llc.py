@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from slt_callbacks.core.autocal import AutoCalibration
 from slt_callbacks.core.calibrate import Calibration
 from slt_callbacks.core.config import SGLDConfig
 from slt_callbacks.core.diagnostics import HealthCriteria
@@ -32,8 +31,8 @@ from slt_callbacks.snapshots import save_snapshot
 
 from ._background import BackgroundMixin, save_run_files
 from ._base import ScheduleLike, _ScheduledMonitor, callbacks_with
-from ._calibration import calibrate_in_run, publish_decision, show_calibration
-from ._distributed import check_chain_split, estimate_on_ranks, gather
+from ._calibration import RunCalibration
+from ._distributed import check_chain_split, estimate_on_ranks
 from ._guard import FAILED_STATUS, FAILED_STATUS_CODE, Failure, OnFailure, attempt
 from ._health import report_health
 from ._llc_checks import check_default_n_beta, check_llc_arguments
@@ -104,9 +103,11 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
 
     Args:
         config: the SGLD hyperparameters, fixed for the whole run; default ``SGLDConfig()``.
-            ``"auto"``: at the first scheduled step, :func:`~slt_callbacks.core.calibrate.
-            calibrate` chooses the step size, and the config is frozen from then on (logged to
-            the run config, kept in checkpoints).
+            ``"auto"``: :func:`~slt_callbacks.core.calibrate.calibrate` chooses the step size
+            and localization where w* looks like a minimum (never at step 0); until then the
+            estimates use a provisional config and are flagged
+            (``slt/calibration/provisional``); see :mod:`slt_callbacks.core.autocal`. The
+            choice is logged to the run config and kept in checkpoints.
         schedule: when to estimate: a :class:`~slt_callbacks.Schedule`, a list of steps, an
             int (every n steps) or None (log-spaced, 8 per decade).
         components: weight-restricted λ̂: ``{name: selector}`` with a glob over parameter
@@ -151,7 +152,7 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
             step (``slt/failures/background``); a checkpoint keeps the pending estimates and
             a resumed run submits them again. Under DDP rank zero submits every estimate, with
             all ``config.num_chains`` chains, and logs it; other ranks keep no history.
-            ``config="auto"`` calibrates inline at the first scheduled step. See
+            With ``config="auto"``, calibrations run inline (in the training process). See
             :mod:`slt_callbacks.executors` and the README ("Estimates off the training path").
         max_pending: estimates submitted and unfinished at most (each holds a copy of the
             weights in memory).
@@ -225,9 +226,8 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         self._loss = LossAverage()
         self._dataset_batches: dict[str, list[Any]] = {}
         self._backend: str | None = None
-        # config="auto": when to calibrate, and the provisional config until then (autocal).
-        self._autocal: AutoCalibration | None = None
-        self._auto_status: str | None = None
+        #: config="auto": when to calibrate, and the provisional config until then.
+        self._auto = RunCalibration(self.calibration) if config == "auto" else None
 
     # -- state --------------------------------------------------------------------------------
 
@@ -236,16 +236,16 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         state["loss_ema"] = self._loss_value()
         state["n_beta"] = self.n_beta
         state["config"] = None if self.active_config is None else self.active_config.to_dict()
-        if self._autocal is not None:
-            state["autocal"] = self._autocal.state_dict()
+        if self._auto is not None:
+            state["autocal"] = self._auto.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._loss.load(state_dict.get("loss_ema"))
         self.n_beta = state_dict.get("n_beta")
-        if self.config == "auto" and state_dict.get("autocal") is not None:
-            self._auto_policy().load_state_dict(state_dict["autocal"])
+        if self._auto is not None and state_dict.get("autocal") is not None:
+            self._auto.load_state_dict(state_dict["autocal"])
         saved = state_dict.get("config")
         if saved is None:
             return
@@ -264,7 +264,7 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         self._loss, self.n_beta = LossAverage(), None
         if self.config == "auto":
             self.active_config = None  # a fresh run calibrates on its own model
-            self._autocal, self._auto_status = None, None
+            self._auto = RunCalibration(self.calibration)
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -356,9 +356,9 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         entry = estimates.record(loss=loss, source=self.prefix).to_dict()
         del entry["step"]
         metrics = estimates.metrics(self.prefix)
-        if self._auto_status is not None:  # config="auto": 1 while estimates are provisional
-            metrics[self._key("calibration/provisional")] = float(
-                self._auto_status == "provisional")
+        if self._auto is not None and self._auto.status is not None:
+            # config="auto": 1 while the estimates use the provisional config.
+            metrics[self._key("calibration/provisional")] = float(self._auto.provisional)
         return entry, metrics
 
     def _estimate(self, trainer: pl.Trainer, step: int, model: Any, loss_fn: LossFn,
@@ -409,43 +409,23 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
 
     # -- helpers ------------------------------------------------------------------------------
 
-    # -- config="auto" (policy in slt_callbacks.core.autocal) ---------------------------------
-
-    def _auto_policy(self) -> AutoCalibration:
-        if self._autocal is None:
-            self._autocal = AutoCalibration(self.calibration.get("base") or SGLDConfig())
-        return self._autocal
-
     def _resolved_config(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> SGLDConfig:
-        """The config of this step's estimate. With ``config="auto"``: the provisional config
-        until :class:`~slt_callbacks.core.autocal.AutoCalibration` freezes a calibrated one
-        (never at step 0; at a step after a healthy estimate; only at a minimum)."""
+        """The config of this step. With ``config="auto"``: the provisional config until a
+        calibration is frozen (see :class:`~slt_callbacks.core.autocal.AutoCalibration`)."""
         if self.active_config is not None:
             return self.active_config
-        assert self._loss_fn is not None and self._sink is not None
-        policy = self._auto_policy()
-        last = None if self.last_result is None else self.last_result.status
-        outcome = None
-        if policy.should_calibrate(step, last):
-            outcome = calibrate_in_run(
-                trainer, pl_module, loss_fn=self._loss_fn, batches=self._batches,
-                options=self.calibration, seed=self.seed, step=step, owner=self._name,
-            )
-            self.last_calibration = outcome
-            show_calibration(self._sink, trainer, outcome, step, key=self._key,
-                             owner=self._name)
-        decision = policy.decide(outcome, step)
-        # Every rank must sample with the same config; rank zero's choice wins.
-        chosen = gather(decision.config, trainer)[0]
+        assert self._auto is not None and self._loss_fn is not None and self._sink is not None
+        last = None if self.last_result is None else self.last_result.status.value
+        chosen, frozen = self._auto.config_for(
+            trainer, pl_module, loss_fn=self._loss_fn, batches=self._batches, seed=self.seed,
+            step=step, last_status=last, sink=self._sink, key=self._key, owner=self._name,
+        )
         check_chain_split(chosen, trainer.world_size, self._name)
-        if decision.frozen:
+        self.last_calibration = self._auto.last
+        if frozen:
             self.active_config = chosen
-        if decision.status != self._auto_status or outcome is not None:
-            publish_decision(self._sink, decision, chosen, outcome, step, key=self._key,
-                             owner=self._name)
-        self._auto_status = decision.status
         return chosen
 
     def _loss_value(self) -> float | None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from slt_callbacks.relations import (
+from slt_callbacks.analysis.relations import (
     Move,
     Relation,
     align_by_step,

@@ -1,0 +1,170 @@
+"""The online stage detector: jumps and trend changes of λ̂ on the signed-log scale.
+
+Synthetic curves (:mod:`slt_callbacks.analysis.synthetic`) with known change points and a
+fixed seed each; the accuracy over many seeds is measured in ``benchmarks/detector.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slt_callbacks.analysis.noise import standard_error
+from slt_callbacks.analysis.online import (
+    DetectorConfig,
+    Regime,
+    StageDetector,
+    StageEvent,
+    StageKind,
+    classify_kind,
+    classify_loss_change,
+    classify_trend,
+    judge_change,
+)
+from slt_callbacks.analysis.synthetic import synthetic_curve
+
+FIXTURE = Path(__file__).parents[1] / "data" / "dln_saddle_to_saddle.json"
+
+
+def feed(detector, curve, start=0, stop=None):
+    emitted = []
+    for i in range(start, len(curve.steps) if stop is None else stop):
+        se = standard_error(float(curve.llc_std[i]), curve.num_chains)
+        event = detector.update(int(curve.steps[i]), float(curve.llc[i]), se,
+                                float(curve.loss[i]))
+        if event is not None:
+            emitted.append(event)
+    return emitted
+
+
+@pytest.mark.parametrize(
+    ("name", "seed"),
+    [("staircase", 0), ("staircase", 1), ("close_stages", 0), ("drop", 0)],
+)
+def test_each_jump_found_once_with_its_kind_within_three_checkpoints(name, seed):
+    curve = synthetic_curve(name, seed, 0.10)
+    events = feed(StageDetector(), curve)
+    assert [e.checkpoint for e in events] == curve.changes
+    assert [StageKind(e.kind).value for e in events] == curve.kinds
+    # A jump is announced persistence - 1 = 2 checkpoints after it (over 30 seeds the
+    # benchmark's median delay is 2).
+    assert all(e.shape == "jump" and e.delay <= 3 for e in events)
+
+
+def test_trend_change_found_as_a_kink():
+    curve = synthetic_curve("plateau_rise", 0, 0.03)
+    events = feed(StageDetector(), curve)
+    assert len(events) >= 1
+    first = events[0]
+    # The change at 10^2.5 is located within 5 checkpoints; a kink builds up slowly.
+    assert abs(first.checkpoint - curve.changes[0]) <= 5
+    assert (first.kind, first.new_regime) == (StageKind.ACQUIRE, Regime.RISING)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_no_false_alarm_on_trendless_series(seed):
+    assert feed(StageDetector(), synthetic_curve("trendless", seed, 0.10)) == []
+
+
+def test_recorded_saddle_to_saddle_curve_gives_one_acquire_per_loss_drop():
+    """A real LLCMonitor curve of a deep linear network: λ̂ from -7,900 at the first saddle
+    to +12 at the minimum, three loss drops. Each drop gives exactly one event, of kind
+    acquire, within a factor 1.3 of the drop's step, and nothing else."""
+    data = json.loads(FIXTURE.read_text())
+    detector = StageDetector()
+    for step, llc, std, chains, status, loss in zip(
+        data["steps"], data["llc"], data["llc_std"], data["num_chains"], data["status"],
+        data["loss"], strict=True,
+    ):
+        assert status != "diverged"
+        detector.update(step, llc, standard_error(std, chains), loss)
+    events = detector.events
+    assert len(events) == len(data["drop_steps"]) == 3
+    for event, drop in zip(events, data["drop_steps"], strict=True):
+        assert event.kind is StageKind.ACQUIRE and event.shape == "jump"
+        assert drop / 1.3 <= event.step <= drop * 1.3, (event.step, drop)
+    assert events[0].llc_before < -5000 and events[-1].llc > 5
+
+
+def test_event_fields_message_and_round_trip():
+    curve = synthetic_curve("staircase", 0, 0.10)
+    event = feed(StageDetector(), curve)[0]
+    assert event.detected_at > event.step and event.stage == 1 and event.component is None
+    assert event.llc_before < -4000 < -1000 < event.llc < -300
+    assert "jumped" in event.message and "acquiring structure" in event.message
+    assert StageEvent.from_dict(event.to_dict()) == event
+    json.dumps(event.to_dict())  # plain types only
+
+
+def test_noise_free_jump_and_unknown_stderr():
+    steps = np.unique(np.geomspace(1, 1e5, 100).astype(int))
+    x = np.log10(steps + 1)
+    llc = np.where(x < 2.5, -600.0, 12.0)
+    loss = np.where(x < 2.5, 1.0, 0.2)
+    detector = StageDetector()
+    for s, v, f in zip(steps, llc, loss, strict=True):
+        detector.update(int(s), float(v), math.nan, float(f))
+    assert [(e.kind, e.shape, e.delay) for e in detector.events] == [
+        (StageKind.ACQUIRE, "jump", 2)
+    ]
+
+
+def test_non_finite_out_of_order_and_invalid_steps():
+    detector = StageDetector()
+    assert detector.update(5, math.nan) is None and detector.num_ignored == 1
+    detector.update(5, 1.0)
+    detector.update(5, 2.0)
+    detector.update(3, 2.0)
+    assert detector.num_out_of_order == 2 and detector.num_checkpoints == 1
+    for bad in (-1, 2.5, "3", True):
+        with pytest.raises(ValueError, match="`step`"):
+            detector.update(bad, 1.0)
+
+
+def test_state_dict_round_trip_continues_identically(tmp_path):
+    curve = synthetic_curve("close_stages", 0, 0.10)
+    whole = StageDetector()
+    feed(whole, curve)
+    first = StageDetector()
+    feed(first, curve, stop=40)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = StageDetector()
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    feed(resumed, curve, start=40)
+    assert resumed.events == whole.events and resumed.stage == whole.stage == 4
+    with pytest.raises(ValueError, match="missing"):
+        StageDetector().load_state_dict({"version": 2})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("scale", 0.0), ("sensitivity", -1.0), ("persistence", 0), ("cooldown", 2),
+     ("window", 4), ("min_jump", -0.1), ("min_noise", math.nan), ("flat_threshold", 9.0)],
+)
+def test_config_validation(field, value):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        DetectorConfig(**{field: value})
+
+
+def test_pure_decisions_say_why():
+    cfg = DetectorConfig()
+    ok, why = judge_change(2.0, 0.1, np.array([3.0, 5.0, 4.0]), shape="jump", config=cfg)
+    assert ok and "20.0 standard errors" in why
+    ok, why = judge_change(2.0, 0.1, np.array([3.0, 0.2, 4.0]), shape="jump", config=cfg)
+    assert not ok and "only 2 of the 3 points" in why
+    ok, why = judge_change(0.05, 0.001, np.array([3.0] * 3), shape="jump", config=cfg)
+    assert not ok and "below the minimum" in why
+    ok, why = judge_change(2.0, 0.1, np.array([3.0] * 3), shape="kink", config=cfg, misfit=9.0)
+    assert not ok and "does not explain" in why
+    assert classify_trend(1.0, 0.1, cfg)[0] is Regime.RISING
+    assert classify_trend(0.05, 0.1, cfg)[0] is Regime.FLAT  # below the practical floor
+    assert classify_loss_change(-0.5, 0.1)[0] is Regime.FALLING
+    assert classify_loss_change(-0.05, 0.1)[0] is Regime.FLAT
+    assert classify_kind(Regime.RISING, Regime.FALLING)[0] is StageKind.ACQUIRE
+    assert classify_kind(Regime.FALLING, Regime.FLAT)[0] is StageKind.SIMPLIFY
+    assert classify_kind(Regime.RISING, Regime.UNCERTAIN)[0] is StageKind.TURN
