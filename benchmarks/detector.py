@@ -31,8 +31,8 @@ across the change (:func:`~slt_callbacks.analysis.online.classify_kind`).
 An event matches a true change when its change point is within ``TOLERANCE`` checkpoints
 (one to one, closest first: :func:`~slt_callbacks.analysis.scoring.compare_events`). Delay:
 checkpoints from the true change to the one at which the event was emitted. The seeds
-(10000+) differ from those used while designing the detector (0-29 and the recorded curves
-of a real deep linear network).
+(10000+) overlap those the detector's defaults were tuned on (10000-10029, and the recorded
+curves of a real deep linear network): these numbers are not a held-out evaluation.
 """
 
 from __future__ import annotations

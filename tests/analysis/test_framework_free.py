@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import slt_callbacks.analysis as analysis
 
 FORBIDDEN = ("torch", "lightning", "pytorch_lightning", "wandb")
@@ -32,11 +30,6 @@ def test_no_module_of_the_package_imports_a_framework():
                 assert name.split(".")[0] not in FORBIDDEN, (path.name, name)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="slt_callbacks/__init__.py still imports the callbacks eagerly; the lazy (PEP 562) "
-    "re-exports of the `async` work make importing slt_callbacks.analysis framework-free",
-)
 def test_importing_analysis_loads_no_framework():
     code = (
         "import sys, slt_callbacks.analysis, slt_callbacks.analysis.tracker; "
