@@ -21,7 +21,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0: every snapshot estimated, 1: some failed)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    return args.run(args, parser)
+    try:
+        return args.run(args, parser)
+    except ValueError as error:  # a bad argument (named in the message), not a crash
+        parser.error(str(error))
 
 
 def _parser() -> argparse.ArgumentParser:

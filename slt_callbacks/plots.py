@@ -177,7 +177,7 @@ def read_metrics_csv(path: str | PathLike[str]) -> list[dict[str, float]]:
 
 
 def plot_run(
-    rows: Iterable[Mapping[str, Any]],
+    rows: Iterable[Mapping[str, Any]] | str | PathLike[str],
     events: Iterable[Any] = (),
     path: str | PathLike[str] | None = None,
     *,
@@ -206,7 +206,8 @@ def plot_run(
     chain-to-chain std.
 
     Args:
-        rows: the logged rows; a row needs ``"step"``.
+        rows: the logged rows (a row needs ``"step"``), or the path of a ``CSVLogger``'s
+            ``metrics.csv`` (read with :func:`read_metrics_csv`).
         events: stage events, drawn as vertical lines through every panel at their change
             point, coloured and labelled by kind (green acquire, purple simplify, grey turn).
             :class:`~slt_callbacks.detect.StageEvent` objects or mappings with ``"step"`` and
@@ -228,6 +229,13 @@ def plot_run(
         ImportError: matplotlib is not installed (``pip install slt_callbacks[plot]``).
         ValueError: a row without ``"step"``, or no plottable column at all.
     """
+    if isinstance(rows, (str, PathLike)):
+        rows = read_metrics_csv(rows)
+    if isinstance(events, (str, PathLike)):
+        raise ValueError(
+            "Expected argument `events` to be stage events (StageEvent objects or mappings) "
+            f"but got the path {str(events)!r}; pass the output file as `path=`."
+        )
     series = _run_series(rows, prefix=prefix, loss_key=loss_key)
     panels = [key for key in ("loss", "llc", "weight_norm", "hessian_trace") if series[key]]
     if not panels:

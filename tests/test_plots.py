@@ -79,3 +79,13 @@ def test_read_metrics_csv_skips_empty_cells(tmp_path) -> None:
         {"epoch": 0.0, "step": 3.0, "train_loss": 0.5},
         {"epoch": 0.0, "step": 3.0, "slt/llc": -12.5},
     ]
+
+
+def test_plot_run_reads_a_metrics_csv_path_and_rejects_a_path_as_events(tmp_path):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,train_loss,slt/llc\n0,1.0,\n5,0.5,3.0\n")
+    fig = plot_run(str(metrics), path=tmp_path / "run.png")
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(fig.axes) >= 2  # a loss panel and a λ̂ panel
+    with pytest.raises(ValueError, match="`events`"):
+        plot_run(metrics, str(tmp_path / "x.png"))

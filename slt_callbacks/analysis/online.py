@@ -822,7 +822,8 @@ class StageDetector:
         delay = self.num_checkpoints - 1 - checkpoint
         who = "λ̂" if self.component is None else f"λ̂[{self.component}]"
         if change.shape == "jump":
-            what = f"{who} jumped from {before:.3g} to {after:.3g}"
+            # Fitted levels of the two stages, not single logged estimates.
+            what = f"{who} jumped from a fitted level of {before:.3g} to {after:.3g}"
         elif new is Regime.FLAT:
             what = f"{who} levelled off at {after:.3g}"
         else:
