@@ -15,7 +15,7 @@ from slt_callbacks import LLCMonitor, SGLDConfig, sweep_snapshots
 from slt_callbacks.cli import main
 
 from .callbacks.helpers import FAST, TinyRegressor, loader, make_trainer, regression_set
-from .wandb_reader import read_finished_run, rows_with
+from .wandb_reader import offline_environment, read_finished_run, rows_with
 
 STEPS = [0, 4, 8]
 
@@ -28,15 +28,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 
     root = tmp_path_factory.mktemp("sweep")
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in {
-            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
-            "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true",
-        }.items():  # fmt: skip
-            patch.setenv(name, value)
-        for name in ("DIR", "CACHE_DIR", "DATA_DIR", "CONFIG_DIR", "ARTIFACT_DIR"):
-            folder = root / "wandb-env" / name.lower()
-            folder.mkdir(parents=True)
-            patch.setenv(f"WANDB_{name}", str(folder))
+        offline_environment(root, patch.setenv)
         if wandb.run is not None:
             wandb.finish()
         save_dir = root / "wandb"

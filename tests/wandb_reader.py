@@ -37,7 +37,7 @@ import struct
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,22 @@ _FILE_IDENT, _FILE_MAGIC, _FILE_VERSION = b":W&B", 0xBEE1, 0
 _CHUNK_HEADER = struct.Struct("<IHB")  # crc32, length, type
 _BLOCK_SIZE = 32 * 1024
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def offline_environment(root: Path, setenv: Callable[[str, str], None]) -> None:
+    """W&B offline, with every directory it writes under ``root``: never the network or ``~``.
+
+    ``setenv`` is a monkeypatch's ``setenv``, so the variables are restored afterwards.
+    """
+    for name, value in {
+        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true",
+    }.items():  # fmt: skip
+        setenv(name, value)
+    for name in ("DIR", "CACHE_DIR", "DATA_DIR", "CONFIG_DIR", "ARTIFACT_DIR"):
+        folder = root / "wandb-env" / name.lower()
+        folder.mkdir(parents=True)
+        setenv(f"WANDB_{name}", str(folder))
 
 
 def find_run_file(directory: str | Path) -> Path:

@@ -144,21 +144,6 @@ def resolve_components(
     return out
 
 
-def component_mask(
-    resolved: Resolved, parameters: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Full boolean masks for every parameter (all-False for parameters not in the component)."""
-    out = {}
-    for name, p in parameters.items():
-        if name not in resolved:
-            out[name] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
-        elif resolved[name] is None:
-            out[name] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
-        else:
-            out[name] = resolved[name].to(p.device)
-    return out
-
-
 def attention_head_components(
     model: nn.Module, module_name: str, *, include_output: bool = True, prefix: str | None = None
 ) -> dict[str, Resolved]:

@@ -9,7 +9,7 @@ import pytest
 
 from slt_callbacks.callbacks import HessianTraceMonitor, LLCMonitor, WeightNormMonitor
 
-from ..wandb_reader import read_finished_run, rows_with
+from ..wandb_reader import offline_environment, read_finished_run, rows_with
 from .helpers import FAST, TinyRegressor, loader, make_trainer
 
 
@@ -17,15 +17,7 @@ from .helpers import FAST, TinyRegressor, loader, make_trainer
 def offline_wandb(tmp_path, monkeypatch):
     """W&B offline, every directory it writes in ``tmp_path``; never the network or ``~``."""
     wandb = pytest.importorskip("wandb")
-    for name, value in {
-        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
-        "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true",
-    }.items():  # fmt: skip
-        monkeypatch.setenv(name, value)
-    for name in ("DIR", "CACHE_DIR", "DATA_DIR", "CONFIG_DIR", "ARTIFACT_DIR"):
-        folder = tmp_path / "wandb-env" / name.lower()
-        folder.mkdir(parents=True)
-        monkeypatch.setenv(f"WANDB_{name}", str(folder))
+    offline_environment(tmp_path, monkeypatch.setenv)
     if wandb.run is not None:
         wandb.finish()
     yield wandb

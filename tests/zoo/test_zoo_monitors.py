@@ -24,12 +24,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
 
 from slt_callbacks import SGLDConfig
 from slt_callbacks.callbacks import HessianTraceMonitor, LLCMonitor, WeightNormMonitor
 from slt_callbacks.callbacks.stages import StageTransitionMonitor
 
+from ..callbacks.helpers import make_trainer
 from .lightning import ZooModule
 from .models import CASES, ZooCase, case
 
@@ -60,19 +60,7 @@ def components(module: ZooModule) -> dict[str, Any]:
 
 
 def trainer(root: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        default_root_dir=root,
-        logger=CSVLogger(root, name="csv", version=0),
-        callbacks=callbacks,
-        max_steps=MAX_STEPS,
-        accelerator="cpu",
-        devices=1,
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
+    return make_trainer(root, callbacks, max_steps=MAX_STEPS, deterministic=True)
 
 
 def timed(monitor: Any) -> list[float]:
