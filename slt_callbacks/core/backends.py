@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data import BatchPool
-from .functional import LossModule, check_scalar_loss, loss_at
+from .functional import LossModule, check_scalar_loss, loss_at, math_attention
 from .space import ComponentSpace
 
 NO_GRAD = (
@@ -166,7 +165,7 @@ def _attention_for_vmap(device: torch.device) -> contextlib.AbstractContextManag
     """On a CPU, the math attention kernel: plain matmuls, which vmap batches; the fused CPU
     kernel has no batching rule and would run once per chain."""
     if device.type == "cpu":
-        return sdpa_kernel(SDPBackend.MATH)
+        return math_attention()
     return contextlib.nullcontext()
 
 

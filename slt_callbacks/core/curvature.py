@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from slt_callbacks._checks import check_int, check_optional_int
 from slt_callbacks.core.functional import (
@@ -34,6 +33,7 @@ from slt_callbacks.core.functional import (
     check_scalar_loss,
     frozen_tensors,
     loss_at,
+    math_attention,
     module_mode,
     preserve_rng,
     trainable_parameters,
@@ -257,22 +257,6 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
             "of its parameters are frozen (or it has none)."
         )
     return params
-
-
-@contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    """Route ``F.scaled_dot_product_attention`` to its plain-math implementation.
-
-    The fused kernels (flash, memory-efficient, and the CPU flash kernel PyTorch picks by
-    default) have a backward but no double backward: a Hessian-vector product through them
-    fails with ``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is
-    not implemented`` (Hugging Face GPT-2, Llama, ``nn.TransformerEncoder``...). The math
-    kernel is ordinary differentiable tensor algebra, so every order of derivative exists;
-    it is slower and uses more memory, which is the price of a correct second derivative.
-    The setting is thread-local and restored on exit, so training never sees it.
-    """
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -285,3 +286,19 @@ def batch_norm_reason(model: nn.Module, *, train_mode: bool | None) -> str | Non
         "SGLDConfig(train_mode=...): False (default) once the running statistics have settled "
         "(λ̂ of the model you would deploy), True to measure the function being trained."
     )
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Route ``F.scaled_dot_product_attention`` to its plain-math implementation.
+
+    The fused kernels (flash, memory-efficient, and the CPU flash kernel PyTorch picks by
+    default) have a backward but no double backward: a Hessian-vector product through them
+    fails with ``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is
+    not implemented`` (Hugging Face GPT-2, Llama, ``nn.TransformerEncoder``...). The math
+    kernel is ordinary differentiable tensor algebra, so every order of derivative exists;
+    it is slower and uses more memory, which is the price of a correct second derivative.
+    The setting is thread-local and restored on exit, so training never sees it.
+    """
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
