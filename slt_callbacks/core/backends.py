@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .data import BatchPool
-from .functional import LossModule, check_scalar_loss, loss_at, math_attention
+from .functional import LossModule, check_scalar_loss, math_attention
 from .space import ComponentSpace
 
 NO_GRAD = (
@@ -58,51 +58,76 @@ class SamplingProblem:
     pool: BatchPool
     autocast: torch.dtype | None = None
 
+    def substitution(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What :func:`torch.func.functional_call` swaps in for a chain at ``params``
+        (everything else at w*), under every name the wrapper has for each tensor."""
+        return self.wrapper.substitution({**self.shared, **params})
+
+    def loss_with(self, substitution: dict[str, torch.Tensor], leaves: Sequence[Any]
+                  ) -> torch.Tensor:
+        """One chain's loss with a :meth:`substitution` swapped in, on the batch of tensor
+        ``leaves``."""
+        batch = self.pool.unflatten(leaves)
+        return check_scalar_loss(torch.func.functional_call(
+            self.wrapper, substitution, (batch,), strict=False, tie_weights=False))
+
     def loss(self, params: dict[str, torch.Tensor], leaves: Sequence[Any]) -> torch.Tensor:
         """One chain's loss with ``params`` substituted, on the batch of tensor ``leaves``."""
-        batch = self.pool.unflatten(leaves)
-        return check_scalar_loss(loss_at(self.wrapper, {**self.shared, **params}, batch))
+        return self.loss_with(self.substitution(params), leaves)
 
 
 class Backend:
-    """Computes ``(slots,)`` losses and writes ``(slots, size)`` gradients for a chunk."""
+    """Computes ``(slots,)`` losses and ``(slots, size)`` gradients for a chunk of chains.
+
+    :meth:`bind` starts a chunk: its coordinates ``theta`` and its gradient buffer ``grad``
+    (both ``(slots, size)``) are the same tensors at every step, updated in place, so a
+    backend builds its views of them once per chunk; :meth:`forward_backward` is one step.
+    """
 
     name = "base"
 
-    def forward_backward(
-        self,
-        problem: SamplingProblem,
-        space: ComponentSpace,
-        theta: torch.Tensor,
-        batches: Sequence[int],
-        grad: torch.Tensor,
-        *,
-        must_depend: bool,
-    ) -> torch.Tensor:
-        """Losses of the chains ``theta`` (``(slots, size)``) on pool batches ``batches``;
-        their gradients w.r.t. ``theta`` go into ``grad``. With ``must_depend`` a loss that
-        does not depend on the coordinates is the user's error (global component)."""
+    def bind(self, problem: SamplingProblem, space: ComponentSpace, theta: torch.Tensor,
+             grad: torch.Tensor) -> None:
+        """Start a chunk of chains ``theta`` of component ``space``."""
+        self.problem, self.space, self.theta, self.grad = problem, space, theta, grad
+
+    def forward_backward(self, batches: Sequence[int], *, must_depend: bool) -> torch.Tensor:
+        """Losses of the bound chains on pool batches ``batches`` (one per chain); their
+        gradients w.r.t. the chains' coordinates go into the bound ``grad``. With
+        ``must_depend`` a loss that does not depend on the coordinates is the user's error
+        (global component)."""
         raise NotImplementedError
 
 
 class LoopBackend(Backend):
     """One plain forward per chain, then one backward for the chunk (one backward per chain
-    costs the engine's setup once per chain; the chunk size bounds the activations alive)."""
+    costs the engine's setup once per chain; the chunk size bounds the activations alive).
+    Each chain's leaves and substitution are built once per chunk."""
 
     name = "loop"
 
-    def forward_backward(self, problem, space, theta, batches, grad, *, must_depend):
-        leaves = [space.leaves(row) for row in theta]
-        with autocast_context(theta.device, problem.autocast):
+    def bind(self, problem, space, theta, grad):
+        super().bind(problem, space, theta, grad)
+        self._leaves = [space.leaves(row) for row in theta]
+        self._subs = [problem.substitution(space.tensors(lv)) for lv in self._leaves]
+
+    def _substitution(self, i: int) -> dict[str, torch.Tensor]:
+        if self.space.has_scattered:  # rebuilt from w* inside each step's graph
+            return self.problem.substitution(self.space.tensors(self._leaves[i]))
+        return self._subs[i]
+
+    def forward_backward(self, batches, *, must_depend):
+        problem, pool = self.problem, self.problem.pool
+        with autocast_context(self.theta.device, problem.autocast):
             losses = torch.stack([
-                problem.loss(space.tensors(lv), problem.pool.tensor_leaves(b))
-                for lv, b in zip(leaves, batches, strict=True)
+                problem.loss_with(self._substitution(i), pool.tensor_leaves(b))
+                for i, b in enumerate(batches)
             ])
-        n = len(space.segments)
-        grads = _grads(losses, [leaf for lv in leaves for leaf in lv], must_depend)
-        for i in range(len(leaves)):
-            space.write_grads(grads[i * n : (i + 1) * n], grad[i])
-        return losses.detach().to(theta.dtype)
+        n = len(self.space.segments)
+        grads = _grads(losses, [leaf for lv in self._leaves for leaf in lv], must_depend)
+        for i in range(len(self._leaves)):
+            self.space.write_grads(grads[i * n : (i + 1) * n], self.grad[i])
+        return losses.detach().to(self.theta.dtype)
 
 
 class VmapBackend(Backend):
@@ -110,37 +135,43 @@ class VmapBackend(Backend):
 
     name = "vmap"
 
-    def forward_backward(self, problem, space, theta, batches, grad, *, must_depend):
+    def bind(self, problem, space, theta, grad):
+        super().bind(problem, space, theta, grad)
+        self._leaves = space.leaves(theta)
+        self._single = None
         if theta.shape[0] == 1:  # nothing to batch: a plain call skips vmap's overhead
-            return LoopBackend().forward_backward(
-                problem, space, theta, batches, grad, must_depend=must_depend
-            )
-        pool = problem.pool
-        groups = pool.split_by_shape(batches)
+            self._single = LoopBackend()
+            self._single.bind(problem, space, theta, grad)
+
+    def forward_backward(self, batches, *, must_depend):
+        if self._single is not None:
+            return self._single.forward_backward(batches, must_depend=must_depend)
+        theta, grad = self.theta, self.grad
+        groups = self.problem.pool.split_by_shape(batches)
         if len(groups) == 1:
-            return self._call(problem, space, theta, batches, grad, must_depend)
+            return self._call(self._leaves, batches, grad, must_depend)
         losses = torch.empty(theta.shape[0], dtype=theta.dtype, device=theta.device)
         for _, rows in groups:
             index = torch.tensor(rows, device=theta.device)
             part = torch.empty((len(rows), theta.shape[1]), dtype=grad.dtype,
                                device=grad.device)
-            sub = self._call(problem, space, theta.index_select(0, index),
-                             [batches[r] for r in rows], part, must_depend)
+            leaves = self.space.leaves(theta.index_select(0, index))
+            sub = self._call(leaves, [batches[r] for r in rows], part, must_depend)
             grad.index_copy_(0, index, part)
             losses.index_copy_(0, index, sub)
         return losses
 
-    def _call(self, problem, space, theta, batches, grad, must_depend):
-        pool = problem.pool
+    def _call(self, leaves, batches, grad, must_depend):
+        pool, problem = self.problem.pool, self.problem
         group = pool.group_of[batches[0]]
         positions = torch.tensor([pool.position[b] for b in batches], device=pool.device)
-        leaves = space.leaves(theta)
-        with autocast_context(theta.device, problem.autocast), _attention_for_vmap(theta.device):
+        device = grad.device
+        with autocast_context(device, problem.autocast), _attention_for_vmap(device):
             losses = torch.func.vmap(problem.loss, in_dims=(0, 0), randomness="different")(
-                space.tensors(leaves), pool.gather(group, positions)
+                self.space.tensors(leaves), pool.gather(group, positions)
             )
-        space.write_grads(_grads(losses, leaves, must_depend), grad)
-        return losses.detach().to(theta.dtype)
+        self.space.write_grads(_grads(losses, leaves, must_depend), grad)
+        return losses.detach().to(grad.dtype)
 
 
 BACKENDS: dict[str, type[Backend]] = {"vmap": VmapBackend, "loop": LoopBackend}

@@ -27,8 +27,9 @@ import torch
 from .backends import BACKENDS, VMAP_FAILURES, Backend, SamplingProblem, autocast_context
 from .budget import Chunk, plan_chunks
 from .data import BatchPool
+from .fastpath import FastLinearBackend, FastPathUnsupported, fast_path_applies
 from .functional import LossModule, check_scalar_loss, loss_at
-from .sgld import SGLDStep
+from .sgld import SGLDStep, block_rows
 from .space import ComponentSpace
 
 
@@ -41,9 +42,10 @@ class ChainTraces:
         drift_sq: same shape, ``‖∇U‖²`` at each step.
         clipped: ``(components, chains)`` number of steps whose gradient was clipped.
         orders: ``(components, chains, steps)`` pool index of the batch of each step.
-        backend: the backend that ran.
+        backend: the backend that ran (``"fast+vmap"`` if chunks ran on different ones).
         fallback_reason: why ``auto`` fell back to ``loop``, else None.
         chunks: the ``(component, first chain, last chain + 1)`` chunks that ran.
+        fast_path_reason: why ``auto`` tried the fast path and left it, else None.
     """
 
     loss: torch.Tensor
@@ -53,6 +55,7 @@ class ChainTraces:
     backend: str
     fallback_reason: str | None = None
     chunks: tuple[Chunk, ...] = ()
+    fast_path_reason: str | None = None
 
 
 def batch_orders(
@@ -92,7 +95,9 @@ def run_chains(
         spaces: the components' coordinates, the whole model first.
         step: the SGLD transform.
         generator: the only source of randomness (batch orders, per-slot noise seeds).
-        backend: ``"auto"``, ``"vmap"`` or ``"loop"``.
+        backend: ``"auto"``, ``"vmap"`` or ``"loop"``. ``"auto"`` runs the fast path
+            (:mod:`~slt_callbacks.core.fastpath`) where it applies, else vmap, falling back
+            to loop if vmap cannot trace the model.
         max_memory: bytes the chains may use, ``"auto"`` or None (see
             :func:`~slt_callbacks.core.budget.plan_chunks`).
     """
@@ -110,23 +115,27 @@ def run_chains(
         drift_sq=sampler.drift_sq.view(*dims, num_steps).to(cpu),
         clipped=sampler.clipped.view(dims).to(cpu),
         orders=orders.view(*dims, num_steps).to(cpu),
-        backend=sampler.backend.name,
+        backend="+".join(sampler.ran),
         fallback_reason=sampler.fallback_reason,
         chunks=tuple(chunks),
+        fast_path_reason=sampler.fast_path_reason,
     )
 
 
 class _Sampler:
-    """The traces of every slot, and the backend (which ``auto`` may switch once)."""
+    """The traces of every slot, and the backends (which ``auto`` may switch once)."""
 
     def __init__(self, problem: SamplingProblem, step: SGLDStep, num_steps: int, backend: str,
                  orders: list[list[int]], generators: list[torch.Generator],
                  dtype: torch.dtype) -> None:
         self.problem, self.step, self.num_steps = problem, step, num_steps
         self.orders, self.generators = orders, generators
-        self.backend: Backend = BACKENDS["vmap" if backend == "auto" else backend]()
+        self.generic: Backend = BACKENDS["vmap" if backend == "auto" else backend]()
         self.try_fallback = backend == "auto"
+        self.try_fast = backend == "auto"
         self.fallback_reason: str | None = None
+        self.fast_path_reason: str | None = None
+        self.ran: list[str] = []
         device = problem.pool.device
         self.loss = torch.empty((len(orders), num_steps), dtype=dtype, device=device)
         self.drift_sq = torch.empty_like(self.loss)
@@ -136,36 +145,113 @@ class _Sampler:
         """All steps of the chains ``slots`` of ``component``."""
         theta = space.theta0.expand(len(slots), space.size).clone()  # (chains, d_k)
         grad = torch.empty_like(theta)
-        noise = torch.empty_like(space.theta0)
+        block = block_rows(len(slots), space.size, theta.element_size())
+        noise = theta.new_empty((block, space.size))
+        loss = torch.empty((self.num_steps, len(slots)), dtype=theta.dtype,
+                           device=theta.device)  # (step, chain)
+        drift_sq, clipped = torch.empty_like(loss), torch.zeros_like(loss[0], dtype=torch.long)
         generators = self.generators[slots.start : slots.stop]
-        rows = slice(slots.start, slots.stop)
-        for t in range(self.num_steps):
-            batches = [self.orders[s][t] for s in slots]
-            losses = self._forward_backward(space, theta, batches, grad, component == 0)
+        orders = list(zip(*self.orders[slots.start : slots.stop], strict=True))  # (step, chain)
+        self._bind(space, theta, grad)
+        for t, batches in enumerate(orders):
+            loss[t] = self._forward_backward(batches, component == 0)
             with torch.no_grad():
-                drift_sq, clipped = self.step.apply_(theta, space.theta0, grad, generators,
-                                                     noise)
-                self.loss[rows, t] = losses
-                self.drift_sq[rows, t] = drift_sq
-                self.clipped[rows] += clipped
+                drift_sq[t], hit = self.step.apply_(theta, space.theta0, grad, generators,
+                                                    noise)
+                if hit is not None:
+                    clipped += hit
+        rows = slice(slots.start, slots.stop)
+        self.loss[rows], self.drift_sq[rows] = loss.T, drift_sq.T
+        self.clipped[rows] = clipped
+        if self.backend.name not in self.ran:
+            self.ran.append(self.backend.name)
 
-    def _forward_backward(self, space, theta, batches, grad, must_depend) -> torch.Tensor:
+    def _bind(self, space: ComponentSpace, theta: torch.Tensor, grad: torch.Tensor) -> None:
+        self.backend, self.validate = self.generic, False
+        if self.try_fast and fast_path_applies(self.problem, space):
+            self.backend, self.validate = FastLinearBackend(), True
+        self.backend.bind(self.problem, space, theta, grad)
+
+    def _forward_backward(self, batches: Sequence[int], must_depend: bool) -> torch.Tensor:
+        backend = self.backend
+        if backend is not self.generic:
+            return self._fast_step(batches, must_depend)
         if not self.try_fallback:
-            return self.backend.forward_backward(self.problem, space, theta, batches, grad,
-                                                 must_depend=must_depend)
-        self.try_fallback = False  # only the very first call may fall back
-        rng = _global_rng_state(theta.device)
+            return backend.forward_backward(batches, must_depend=must_depend)
+        self.try_fallback = False  # only the very first generic call may fall back
+        rng = _global_rng_state(backend.theta.device)
         try:
-            return self.backend.forward_backward(self.problem, space, theta, batches, grad,
-                                                 must_depend=must_depend)
+            return backend.forward_backward(batches, must_depend=must_depend)
         except VMAP_FAILURES as err:
-            self.backend = BACKENDS["loop"]()
+            self.generic = self.backend = BACKENDS["loop"]()
+            self.backend.bind(backend.problem, backend.space, backend.theta, backend.grad)
             self.fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
             # A loss that draws random numbers (dropout in train mode) must see the same
             # stream as with backend="loop": rewind what the failed attempt consumed.
-            _set_global_rng_state(theta.device, rng)
-            return self.backend.forward_backward(self.problem, space, theta, batches, grad,
-                                                 must_depend=must_depend)
+            _set_global_rng_state(backend.theta.device, rng)
+            return self.backend.forward_backward(batches, must_depend=must_depend)
+
+    def _fast_step(self, batches: Sequence[int], must_depend: bool) -> torch.Tensor:
+        """A step on the fast path: its first in a chunk is checked against the loop backend;
+        if the check fails, or a later step meets a use of the model it cannot reproduce,
+        the chunk continues on the generic backend."""
+        fast, reason = self.backend, None
+        if self.validate:
+            self.validate = False
+            losses, reason = validated(fast, batches, must_depend)
+        else:
+            rng = _global_rng_state(fast.theta.device)
+            try:
+                return fast.forward_backward(batches, must_depend=must_depend)
+            except FastPathUnsupported as err:
+                _set_global_rng_state(fast.theta.device, rng)
+                reason = f"fast path not used: {err}"
+                losses = None
+        if reason is None:
+            return losses
+        self.try_fast, self.fast_path_reason = False, reason
+        self.backend = self.generic
+        self.generic.bind(fast.problem, fast.space, fast.theta, fast.grad)
+        if losses is None:
+            losses = self._forward_backward(batches, must_depend)
+        return losses
+
+
+def validated(
+    fast: Backend, batches: Sequence[int], must_depend: bool
+) -> tuple[torch.Tensor, str | None]:
+    """One step of the bound ``fast`` backend checked against :class:`LoopBackend` on the
+    same chains, batches and global RNG state. Returns the losses (the gradients are in the
+    bound buffer) and None if the two agree to float reassociation, else the loop step's
+    results and why the fast path is not to be used."""
+    reference = BACKENDS["loop"]()
+    reference.bind(fast.problem, fast.space, fast.theta, fast.grad)
+    rng = _global_rng_state(fast.theta.device)
+    expected = reference.forward_backward(batches, must_depend=must_depend)
+    expected_grad = fast.grad.clone()
+    after = _global_rng_state(fast.theta.device)
+    _set_global_rng_state(fast.theta.device, rng)
+    try:
+        losses = fast.forward_backward(batches, must_depend=must_depend)
+    except Exception as err:  # the loop step worked: anything else is the fast path's
+        reason = str(err) or type(err).__name__
+    else:
+        tol = 1e-4 if fast.theta.dtype == torch.float32 else 1e-9
+        if _close(losses, expected, tol) and _close(fast.grad, expected_grad, tol):
+            return losses, None
+        reason = "its first step differed from the generic path's"
+    fast.grad.copy_(expected_grad)
+    _set_global_rng_state(fast.theta.device, after)
+    return expected, f"fast path not used: {reason}"
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """``a`` equals ``b`` to ``tol`` relative to ``b``'s largest entry, both finite."""
+    if not b.numel():
+        return True
+    if not bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
+        return False
+    return float((a - b).abs().max()) <= tol * float(b.abs().max())
 
 
 def _global_rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

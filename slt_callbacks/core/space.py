@@ -84,21 +84,34 @@ class ComponentSpace:
 
     def leaves(self, theta: torch.Tensor) -> list[torch.Tensor]:
         """Fresh autograd leaves, one per segment, sharing ``theta``'s storage (``theta``
-        is ``(size,)``, or ``(slots, size)`` for a batched call)."""
-        return [
-            theta[..., s.offset : s.offset + s.size].detach().requires_grad_(True)
-            for s in self.segments
-        ]
+        is ``(size,)``, or ``(slots, size)`` for a batched call). A parameter the component
+        owns entirely is a leaf of the parameter's shape (after the slot dimension), so it
+        goes into the model as it is; a partly-owned one is a leaf of its flat entries.
+
+        The leaves follow ``theta`` as it is updated in place, so a chunk builds them once
+        and reuses them at every step (each step's graph is a new one)."""
+        out = []
+        for s in self.segments:
+            piece = theta[..., s.offset : s.offset + s.size]
+            if s.index is None:
+                piece = piece.view(*theta.shape[:-1], *s.shape)
+            out.append(piece.detach().requires_grad_(True))
+        return out
+
+    @property
+    def has_scattered(self) -> bool:
+        """Whether a parameter is owned in part (rebuilt from w* at every step)."""
+        return any(s.index is not None for s in self.segments)
 
     def tensors(self, leaves: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The sampled parameters at the leaves' values, each of the parameter's shape
-        (with the leaves' leading slot dimension, if any)."""
+        """The sampled parameters at the leaves' values (from :meth:`leaves`), each of the
+        parameter's shape (with the leaves' leading slot dimension, if any)."""
         out = {}
         for s, leaf in zip(self.segments, leaves, strict=True):
-            lead = leaf.shape[:-1]
             if s.index is None:
-                out[s.name] = leaf.view(*lead, *s.shape)
+                out[s.name] = leaf
                 continue
+            lead = leaf.shape[:-1]
             base = self.w_star[s.name].reshape(-1).expand(*lead, -1)
             out[s.name] = base.index_copy(base.dim() - 1, s.index, leaf).view(*lead, *s.shape)
         return out

@@ -131,7 +131,7 @@ def test_noise_is_standard_normal_per_chain():
     step = SGLDStep(step_size=1.0, n_beta=0.0, localization=0.0)
     theta = torch.zeros(chains, d)
     gens = [torch.Generator().manual_seed(s) for s in range(chains)]
-    step.apply_(theta, torch.zeros(d), torch.zeros(chains, d), gens, torch.empty(d))
+    step.apply_(theta, torch.zeros(d), torch.zeros(chains, d), gens, torch.empty(3, d))
     x = theta.double()
     assert x.mean(1).abs().max() < 0.012
     assert (x.var(1) - 1).abs().max() < 0.02
@@ -142,8 +142,13 @@ def test_noise_is_standard_normal_per_chain():
     # The same generator state gives the same draw, whatever chunk a chain is in.
     again = torch.zeros(1, d)
     step.apply_(again, torch.zeros(d), torch.zeros(1, d),
-                [torch.Generator().manual_seed(2)], torch.empty(d))
+                [torch.Generator().manual_seed(2)], torch.empty(1, d))
     assert torch.equal(again[0], theta[2])
+    # Updated one chain at a time (a block of one row) or all at once: the same numbers.
+    rowwise = torch.zeros(chains, d)
+    step.apply_(rowwise, torch.zeros(d), torch.zeros(chains, d),
+                [torch.Generator().manual_seed(s) for s in range(chains)], torch.empty(1, d))
+    assert torch.equal(rowwise, theta)
 
 
 @pytest.mark.parametrize("value", [0, -5, 1.5, "lots", True])
