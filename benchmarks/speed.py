@@ -3,11 +3,14 @@
 Setup (issue #2): a 784-64-64-10 MLP, 10k synthetic samples, batch 256, 4 chains x 200 steps,
 ``torch.set_num_threads(1)``. Every row runs in its own subprocess (so peak memory is its
 own) and measures the floor — a plain ``zero_grad(); loss.backward()`` on the same batches —
-in that same process, so every ratio compares numbers from one run. Both the row and the
-floor are the best of three measurements.
+in that same process, so every ratio compares numbers from one run. The row and the floor
+are measured alternately, three times each, and each is the best of its three.
 
 Rows:
-- ``slt_callbacks`` with the vmap and loop backends, fp32 and with bf16 autocast;
+- ``slt_callbacks`` with ``backend="auto"`` (on this MLP the fast path for stacks of
+  ``nn.Linear``, :mod:`slt_callbacks.core.fastpath`) and the generic vmap and loop backends,
+  fp32 and with bf16 autocast (whose rows are also compared with the floor under the same
+  autocast);
 - a straightforward sequential SGLD loop (one chain after another, per-parameter updates);
 - devinterp 2.0.1's ``llc()`` when it is importable (never a dependency: run this script
   from a separate venv that has it, e.g. ``DEVINTERP_PYTHON=/path/to/venv/bin/python``).
@@ -86,16 +89,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def floor_ms(model, batches, device: str, reps: int = 200) -> float:
-    """One plain forward+backward on a pre-materialised batch: the cost floor."""
-    for i in range(min(20, reps)):
+def floor_ms(model, batches, device: str, reps: int = 200, autocast=None) -> float:
+    """One plain forward+backward on a pre-materialised batch: the cost floor (under
+    ``torch.autocast(dtype=autocast)`` if given)."""
+    import contextlib
+
+    dtype = getattr(torch, autocast) if autocast else None
+
+    def step(i: int) -> None:
         model.zero_grad()
-        loss_fn(model, batches[i % len(batches)]).backward()
+        context = (torch.autocast(device_type=device, dtype=dtype) if dtype
+                   else contextlib.nullcontext())
+        with context:
+            loss = loss_fn(model, batches[i % len(batches)])
+        loss.backward()
+
+    for i in range(min(20, reps)):
+        step(i)
     sync(device)
     start = time.perf_counter()
     for i in range(reps):
-        model.zero_grad()
-        loss_fn(model, batches[i % len(batches)]).backward()
+        step(i)
     sync(device)
     model.zero_grad(set_to_none=True)
     return (time.perf_counter() - start) / reps * 1e3
@@ -151,6 +165,7 @@ def ours(model, batches, chains, steps, device, backend, autocast, components=No
     sync(device)
     elapsed = time.perf_counter() - start
     ours.last_llc = result.llc_mean  # type: ignore[attr-defined]
+    ours.last_backend = result.backend  # type: ignore[attr-defined]
     return elapsed
 
 
@@ -209,7 +224,8 @@ def one(args) -> dict:
         model, batches = make_transformer(args.device)
     else:
         model, batches = make_problem(args.device)
-    floor = floor_ms(model, batches, args.device, reps=200 if args.problem == "mlp" else 3)
+    reps = 200 if args.problem == "mlp" else 3
+    floor = floor_ms(model, batches, args.device, reps)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -237,12 +253,17 @@ def one(args) -> dict:
             model, batches, chains, steps, args.device, args.backend, args.autocast, components
         )
 
-    # Best of REPEATS for the run and for the floor alike: the least-disturbed measurement of
-    # each on a machine that may be doing other work.
+    # Best of REPEATS for the run and for the floor alike, measured alternately: the
+    # least-disturbed measurement of each on a machine that may be doing other work.
     repeats = REPEATS if args.problem == "mlp" else 2  # a transformer run takes minutes
-    seconds = min(measure() for _ in range(repeats))
-    reps = 200 if args.problem == "mlp" else 3
-    floor = min(floor, *(floor_ms(model, batches, args.device, reps) for _ in range(repeats - 1)))
+    seconds, autocast_floor = float("inf"), float("inf")
+    for r in range(repeats):
+        seconds = min(seconds, measure())
+        if r:
+            floor = min(floor, floor_ms(model, batches, args.device, reps))
+        if args.autocast:
+            autocast_floor = min(autocast_floor,
+                                 floor_ms(model, batches, args.device, reps, args.autocast))
     slots = chains * (1 + (args.components or 0))
     if args.device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
@@ -254,6 +275,8 @@ def one(args) -> dict:
         "slots": slots,
         "step_ms": seconds / (slots * steps) * 1e3,
         "peak_mb": peak_mb,
+        "autocast_floor_ms": autocast_floor if args.autocast else None,
+        "backend": getattr(ours, "last_backend", None),
     }
 
 
@@ -297,6 +320,14 @@ def run(
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def load() -> str:
+    """The 1, 5 and 15 minute load averages (how busy the machine was)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def has_devinterp() -> bool:
     python = os.environ.get("DEVINTERP_PYTHON", sys.executable)
     probe = subprocess.run([python, "-c", "import devinterp, datasets"], capture_output=True)
@@ -321,15 +352,16 @@ def main() -> None:
         return
     steps = 40 if args.quick else 200
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU, 1 thread"
+    print(f"(load average at start: {load()}; the machine may be shared, see the notes)\n")
     print(
         f"## SGLD chain-step cost: MLP 784-64-64-10, batch {BATCH}, 4 chains x {steps} "
         f"steps, {name}, torch {torch.__version__}\n"
     )
-    print(
-        "| method | ms / chain-step | floor ms (same process) | ratio to floor | peak memory MB |"
-    )
-    print("|---|---|---|---|---|")
+    print("| method | backend that ran | ms / chain-step | floor ms (same process) | "
+          "ratio to floor | ratio to the floor under the same autocast | peak memory MB |")
+    print("|---|---|---|---|---|---|---|")
     rows = [
+        ("slt_callbacks, auto, fp32", "ours", dict(backend="auto")),
         ("slt_callbacks, vmap, fp32", "ours", dict(backend="vmap")),
         ("slt_callbacks, loop, fp32", "ours", dict(backend="loop")),
         ("slt_callbacks, vmap, bf16 autocast", "ours", dict(backend="vmap", autocast="bfloat16")),
@@ -341,40 +373,45 @@ def main() -> None:
     for label, method, kw in rows:
         r = run(method, args.device, steps=steps, **kw)
         if r:
+            own = r["autocast_floor_ms"]
+            own = f"{r['step_ms'] / own:.2f}x (floor {own:.3f} ms)" if own else "-"
             print(
-                f"| {label} | {r['step_ms']:.3f} | {r['floor_ms']:.3f} | "
-                f"{r['step_ms'] / r['floor_ms']:.2f}x | {r['peak_mb']:.0f} |"
+                f"| {label} | {r['backend'] or '-'} | {r['step_ms']:.3f} | {r['floor_ms']:.3f} "
+                f"| {r['step_ms'] / r['floor_ms']:.2f}x | {own} | {r['peak_mb']:.0f} |"
             )
     if not has_devinterp():
-        print("| devinterp 2.0.1 | not installed here (optional; never a dependency) | | | |")
+        print("| devinterp 2.0.1 | | not installed here (optional; never a dependency) "
+              "| | | | |")
 
     print(f"\n## Scaling with the number of chains ({steps} steps)\n")
-    print("| chains | backend | ms / chain-step | ratio to floor | peak memory MB |")
-    print("|---|---|---|---|---|")
+    print("| chains | backend | ran | ms / chain-step | ratio to floor | peak memory MB |")
+    print("|---|---|---|---|---|---|")
     for chains in (1, 4, 16):
-        for backend in ("vmap", "loop"):
+        for backend in ("auto", "vmap", "loop"):
             r = run("ours", args.device, chains=chains, steps=steps, backend=backend)
             if r:
                 print(
-                    f"| {chains} | {backend} | {r['step_ms']:.3f} | "
+                    f"| {chains} | {backend} | {r['backend']} | {r['step_ms']:.3f} | "
                     f"{r['step_ms'] / r['floor_ms']:.2f}x | {r['peak_mb']:.0f} |"
                 )
 
     tsteps = 4
     print(f"\n## The transformer of issue #10 (HF GPT-2, 2 layers x 8 heads, d_model 256, "
           f"vocab 5,000; batch 8 x 64 tokens), 4 chains x {tsteps} steps\n")
-    print("| backend | s / chain-step | floor s (same process) | ratio to floor | peak memory MB |")
-    print("|---|---|---|---|---|")
-    for backend in ("vmap", "loop"):
+    print("| backend | ran | s / chain-step | floor s (same process) | ratio to floor "
+          "| peak memory MB |")
+    print("|---|---|---|---|---|---|")
+    for backend in ("auto", "vmap", "loop"):
         r = run("ours", args.device, steps=tsteps, backend=backend, problem="transformer")
         if r:
-            print(f"| {backend} | {r['step_ms'] / 1e3:.3f} | {r['floor_ms'] / 1e3:.3f} | "
-                  f"{r['step_ms'] / r['floor_ms']:.2f}x | {r['peak_mb']:.0f} |")
+            print(f"| {backend} | {r['backend']} | {r['step_ms'] / 1e3:.3f} | "
+                  f"{r['floor_ms'] / 1e3:.3f} | {r['step_ms'] / r['floor_ms']:.2f}x | "
+                  f"{r['peak_mb']:.0f} |")
 
     print(f"\n## K = 3 restricted components (one per Linear layer), 4 chains, {steps} steps\n")
     print("| how | backend | wall s | ratio to one batched call |")
     print("|---|---|---|---|")
-    for backend in ("vmap", "loop"):
+    for backend in ("auto", "vmap", "loop"):
         batched = run("ours", args.device, steps=steps, backend=backend, components=3)
         separate = run(
             "components-separate", args.device, steps=steps, backend=backend, components=3
@@ -388,6 +425,7 @@ def main() -> None:
                 f"| 4 separate runs (global, then each layer alone) | {backend} | "
                 f"{separate['seconds']:.2f} | {separate['seconds'] / batched['seconds']:.2f}x |"
             )
+    print(f"\n(load average at the end: {load()})")
 
 
 if __name__ == "__main__":

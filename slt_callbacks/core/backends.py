@@ -13,17 +13,21 @@ floating-point reassociation whichever runs:
 - :class:`LoopBackend`: one plain forward per chain, then the same single backward. For
   models vmap cannot trace (in-place updates of buffers, ``.item()`` in ``forward``, ...),
   and on a CPU often as fast.
+- :class:`~slt_callbacks.core.fastpath.FastLinearBackend`: for an ``nn.Sequential`` of
+  ``nn.Linear`` and elementwise activations on a CPU, a hand-written forward and backward
+  per chain; ``backend="auto"`` chooses it where it applies (see that module).
 
-Both differentiate only w.r.t. the component's own coordinates (see
+All differentiate only w.r.t. the component's own coordinates (see
 :mod:`~slt_callbacks.core.space`): a head's chains pay no weight gradient for the other
-layers, and no gradient of the embedding.
+layers, and no gradient of the embedding. A backend is bound to one chunk of chains at a
+time (:meth:`Backend.bind`) and builds its views of the chunk's buffers once, not per step.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,23 +61,31 @@ class SamplingProblem:
     shared: dict[str, torch.Tensor]
     pool: BatchPool
     autocast: torch.dtype | None = None
+    _batches: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    def batch(self, index: int) -> Any:
+        """Pool batch ``index`` as the loss expects it. A tensor or a tuple (immutable, so
+        a loss cannot change what the next step sees) is built once and reused."""
+        batch = self._batches.get(index)
+        if batch is None:
+            batch = self.pool.batch(index)
+            if isinstance(batch, torch.Tensor | tuple):
+                self._batches[index] = batch
+        return batch
 
     def substitution(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What :func:`torch.func.functional_call` swaps in for a chain at ``params``
         (everything else at w*), under every name the wrapper has for each tensor."""
         return self.wrapper.substitution({**self.shared, **params})
 
-    def loss_with(self, substitution: dict[str, torch.Tensor], leaves: Sequence[Any]
-                  ) -> torch.Tensor:
-        """One chain's loss with a :meth:`substitution` swapped in, on the batch of tensor
-        ``leaves``."""
-        batch = self.pool.unflatten(leaves)
+    def loss_with(self, substitution: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """One chain's loss on ``batch`` with a :meth:`substitution` swapped in."""
         return check_scalar_loss(torch.func.functional_call(
             self.wrapper, substitution, (batch,), strict=False, tie_weights=False))
 
     def loss(self, params: dict[str, torch.Tensor], leaves: Sequence[Any]) -> torch.Tensor:
         """One chain's loss with ``params`` substituted, on the batch of tensor ``leaves``."""
-        return self.loss_with(self.substitution(params), leaves)
+        return self.loss_with(self.substitution(params), self.pool.unflatten(leaves))
 
 
 class Backend:
@@ -117,10 +129,10 @@ class LoopBackend(Backend):
         return self._subs[i]
 
     def forward_backward(self, batches, *, must_depend):
-        problem, pool = self.problem, self.problem.pool
+        problem = self.problem
         with autocast_context(self.theta.device, problem.autocast):
             losses = torch.stack([
-                problem.loss_with(self._substitution(i), pool.tensor_leaves(b))
+                problem.loss_with(self._substitution(i), problem.batch(b))
                 for i, b in enumerate(batches)
             ])
         n = len(self.space.segments)

@@ -164,13 +164,13 @@ class FastLinearBackend(Backend):
         self._needs_input_grad = [any(sampled[:k]) for k in range(len(self._ops))]
 
     def forward_backward(self, batches, *, must_depend):
-        loss_fn, pool = self.problem.wrapper.loss_fn, self.problem.pool
+        loss_fn, problem = self.problem.wrapper.loss_fn, self.problem
         self._saved: list[list[Any] | None] = [None] * len(batches)
         outputs: list[torch.Tensor | None] = [None] * len(batches)
         losses = []
         for i, b in enumerate(batches):
             model = _StandIn(lambda x, i=i: self._forward(i, x, outputs))
-            losses.append(check_scalar_loss(loss_fn(model, pool.batch(b))))
+            losses.append(check_scalar_loss(loss_fn(model, problem.batch(b))))
         total = torch.stack(losses)
         used = [i for i, z in enumerate(outputs) if z is not None]
         deltas = [None] * len(batches)

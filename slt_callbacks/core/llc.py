@@ -79,7 +79,9 @@ class LLCResult:
         clipped_fraction: ``(chains,)`` fraction of steps whose gradient was clipped.
         components: restricted estimates by component name (same fields, no nesting).
         config: the configuration used.
-        backend: ``"vmap"`` or ``"loop"``; ``backend_reason`` says why loop, if auto chose it.
+        backend: ``"fast"``, ``"vmap"`` or ``"loop"`` (joined by ``+`` when components ran
+            on different ones); ``backend_reason`` says why loop, or why not the fast path,
+            if auto chose so.
         seconds: wall time of the whole estimate.
     """
 
@@ -430,7 +432,7 @@ def _summarise(
         init_loss=float(batch_losses.mean()), n_beta=run.n_beta,
         num_samples=run.problem.pool.num_samples,
         config=config, criteria=criteria, backend=traces.backend,
-        backend_reason=traces.fallback_reason, seconds=seconds,
+        backend_reason=traces.fallback_reason or traces.fast_path_reason, seconds=seconds,
     )
     steps = traces.loss.shape[-1]
     parts = [
