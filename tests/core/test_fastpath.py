@@ -94,7 +94,6 @@ def test_frozen_layers_are_read_at_w_star():
 
 
 def weight_decay(m, batch):
-    x, y = batch
     return mse_half(m, batch) + 1e-3 * sum(p.square().sum() for p in m.parameters())
 
 
