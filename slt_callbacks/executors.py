@@ -78,6 +78,7 @@ from concurrent.futures import (
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
+from multiprocessing.context import SpawnProcess
 from typing import Any, Literal
 
 import torch
@@ -426,13 +427,65 @@ WORKER_NICENESS = 10
 ``nice``): where cores are scarce, training comes first and the estimates take what is
 left; they still all arrive, at the latest while the monitor waits at the end of fit."""
 
+WORKER_IDLE_CLASS = True
+"""Whether the ``"process"`` worker also runs in Linux's ``SCHED_IDLE`` class (where
+available): it then gets a core only when nothing else wants it. ``nice`` alone still
+gave a nice-10 worker about 10% of a shared core; measured on a loaded 2-core machine the
+training loop ran 1.20x slower next to a nice-10 SGLD process and 0.97x next to the same
+process in ``SCHED_IDLE`` (``benchmarks/results/overhead_cpu.md``)."""
+
+
+def lower_priority(pid: int = 0, niceness: int = WORKER_NICENESS, *,
+                   idle: bool = WORKER_IDLE_CLASS) -> None:
+    """Lower the CPU priority of process ``pid`` (0: this one) by ``niceness`` and, with
+    ``idle``, move it to ``SCHED_IDLE``. Best effort: where not permitted or not
+    supported, the priority stays as it was."""
+    if niceness and hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            current = os.getpriority(os.PRIO_PROCESS, pid)
+            os.setpriority(os.PRIO_PROCESS, pid, min(19, current + niceness))
+    if idle and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+
 
 def _start_worker(num_threads: int | None, niceness: int) -> None:
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    if niceness and hasattr(os, "nice"):
-        with contextlib.suppress(OSError):  # not permitted here: normal priority then
-            os.nice(niceness)
+        with contextlib.suppress(RuntimeError):  # only before the first inter-op work
+            torch.set_num_interop_threads(num_threads)
+    # Threads started from here on inherit the priority (Linux priorities are per thread);
+    # the parent already lowered the main thread's at process start (_LowPriorityContext).
+    lower_priority(0, 0, idle=WORKER_IDLE_CLASS and niceness > 0)
+
+
+class _LowPriorityProcess(SpawnProcess):
+    """A spawned process whose priority the parent lowers as soon as it exists, so that
+    its start-up (importing torch, unpickling the run: seconds of CPU) already yields to
+    training."""
+
+    niceness = WORKER_NICENESS
+
+    def start(self) -> None:
+        super().start()
+        if self.pid is not None:
+            lower_priority(self.pid, self.niceness, idle=WORKER_IDLE_CLASS and self.niceness > 0)
+
+
+class _LowPriorityContext:
+    """The *spawn* multiprocessing context, making :class:`_LowPriorityProcess` processes."""
+
+    def __init__(self, niceness: int) -> None:
+        self._spawn = get_context("spawn")
+        self._niceness = niceness
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spawn, name)
+
+    def Process(self, *args: Any, **kwargs: Any) -> SpawnProcess:  # multiprocessing's name
+        process = _LowPriorityProcess(*args, **kwargs)
+        process.niceness = self._niceness  # pickled to the child with the process object
+        return process
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,11 +508,12 @@ class InlineExecutor(Executor):
 def process_executor(
     num_threads: int | None = 1, niceness: int = WORKER_NICENESS
 ) -> ProcessPoolExecutor:
-    """One spawned worker process with ``num_threads`` torch threads, at a lower CPU
-    priority (``niceness``, see :data:`WORKER_NICENESS`)."""
+    """One spawned worker process with ``num_threads`` torch threads (intra- and inter-op),
+    at a lower CPU priority (``niceness``, see :data:`WORKER_NICENESS` and
+    :data:`WORKER_IDLE_CLASS`), lowered from the moment the process exists."""
     return ProcessPoolExecutor(
         max_workers=1,
-        mp_context=get_context("spawn"),
+        mp_context=_LowPriorityContext(niceness),  # type: ignore[arg-type]
         initializer=_start_worker,
         initargs=(num_threads, niceness),
     )
@@ -551,6 +605,9 @@ class EstimateQueue:
         self._context: bytes | None = None
         self._queue: deque[_Pending] = deque()
         self._sent_context = False
+        # Set by a done-callback (on the executor's thread) when any future finishes, so that
+        # collect(), called after every training batch, costs one attribute read otherwise.
+        self._news = False
         #: Steps not submitted because the queue was full (``when_full="skip"``).
         self.skipped: list[int] = []
 
@@ -635,7 +692,14 @@ class EstimateQueue:
         return True
 
     def collect(self) -> list[Completed]:
-        """The finished estimates at the head of the queue, in step order (non-blocking)."""
+        """The finished estimates at the head of the queue, in step order (non-blocking).
+
+        Cheap when nothing finished since the last call (one flag read): the monitor calls
+        it after every training batch.
+        """
+        if not self._news:
+            return []
+        self._news = False  # before looking: a future finishing meanwhile sets it again
         self._resubmit_missing()
         out = []
         while self._queue and self._queue[0].future.done():
@@ -667,6 +731,14 @@ class EstimateQueue:
         return sum(not entry.future.done() for entry in self._queue)
 
     def _send(self, job: EstimateJob, *, with_context: bool) -> Future[Any]:
+        future = self._submit_to_executor(job, with_context=with_context)
+        future.add_done_callback(self._on_done)  # runs at once if already done
+        return future
+
+    def _on_done(self, future: Future[Any]) -> None:
+        self._news = True
+
+    def _submit_to_executor(self, job: EstimateJob, *, with_context: bool) -> Future[Any]:
         assert self._executor is not None
         job = replace(job, context=self._context if with_context else None)
         try:
