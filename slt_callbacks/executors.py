@@ -26,7 +26,8 @@ once. Executors whose every task runs in a fresh process (submitit) should use
 
 Where it runs (``executor=``):
 
-- ``None``: inline, in the calling process, at once (the same code path, no pickling);
+- ``None`` (or ``"inline"``, the same): in the calling process, at once (the same code
+  path, no pickling);
 - ``"process"``: one local background worker, ``ProcessPoolExecutor(max_workers=1)`` with
   the *spawn* start method (fork would copy a process whose threads, CUDA context and open
   files belong to the trainer), one torch thread and a lower CPU priority (``nice`` +10),
@@ -107,8 +108,11 @@ __all__ = [
     "unpack_state",
 ]
 
-ExecutorLike = Executor | Literal["process"] | None
-"""What ``executor=`` accepts: None (inline), ``"process"`` or a ``concurrent.futures.Executor``."""
+ExecutorLike = Executor | Literal["inline", "process"] | None
+"""What ``executor=`` accepts, everywhere (monitors, :class:`EstimateQueue`,
+:func:`~slt_callbacks.sweep_snapshots`, ``slt-callbacks sweep --executor``): None or its
+alias ``"inline"`` (in the calling process), ``"process"`` (one background worker) or a
+``concurrent.futures.Executor``."""
 
 WhenFull = Literal["wait", "skip"]
 
@@ -554,8 +558,9 @@ class EstimateQueue:
     """Submit estimates to an executor, at most ``max_pending`` unfinished, results in order.
 
     Args:
-        executor: None (inline), ``"process"`` (one spawned worker, owned by the queue) or a
-            ``concurrent.futures.Executor`` (not shut down by the queue).
+        executor: None or ``"inline"`` (in this process), ``"process"`` (one spawned worker,
+            owned by the queue) or a ``concurrent.futures.Executor`` (not shut down by the
+            queue).
         max_pending: estimates submitted and not finished, at most.
         when_full: ``"wait"`` (block until one finishes) or ``"skip"`` (drop the new step and
             list it in :attr:`skipped`).
@@ -582,7 +587,7 @@ class EstimateQueue:
         num_threads: int | None = 1,
         ship_context: Literal["once", "always"] = "once",
     ) -> None:
-        check_executor(executor)
+        executor = check_executor(executor)
         self.max_pending = check_int("max_pending", max_pending, minimum=1)
         if when_full not in ("wait", "skip"):
             raise ValueError(
@@ -788,13 +793,15 @@ def _progress(total: int, description: str) -> Any:
     return tqdm(total=total, desc=description, unit="estimate")
 
 
-def check_executor(executor: Any) -> None:
-    """``ValueError`` unless ``executor`` is None, ``"process"`` or an ``Executor``."""
-    if executor is None or executor == "process" or isinstance(executor, Executor):
-        return
+def check_executor(executor: Any) -> ExecutorLike:
+    """``executor`` with ``"inline"`` read as None; ``ValueError`` unless it is None,
+    ``"inline"``, ``"process"`` or an ``Executor``."""
+    if executor is None or executor == "inline":
+        return None
+    if executor == "process" or isinstance(executor, Executor):
+        return executor
     raise ValueError(
-        "Expected argument `executor` to be None (inline), 'process' or a "
+        "Expected argument `executor` to be None or 'inline' (in this process), 'process' or a "
         "concurrent.futures.Executor (e.g. dask.distributed.Client(...).get_executor()) but got "
         f"{executor!r}."
     )
-

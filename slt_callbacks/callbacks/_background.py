@@ -67,8 +67,7 @@ class BackgroundEstimates:
         num_threads: int | None = 1,
         device: str | None = None,
     ) -> None:
-        check_executor(executor)
-        if executor is None:
+        if check_executor(executor) is None:
             raise ValueError("BackgroundEstimates needs an executor; inline runs in the monitor.")
         if device is not None and not isinstance(device, str):
             raise ValueError(
@@ -259,7 +258,7 @@ class BackgroundMixin:
         when_full: str,
         worker_device: str | None,
     ) -> None:
-        check_executor(executor)
+        executor = check_executor(executor)  # "inline" is None: estimates in the loop
         self._background = None if executor is None else BackgroundEstimates(
             executor, owner=type(self).__name__, max_pending=max_pending,
             when_full=when_full, device=worker_device,
