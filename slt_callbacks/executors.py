@@ -482,6 +482,7 @@ class _LowPriorityContext:
     def __init__(self, niceness: int) -> None:
         self._spawn = get_context("spawn")
         self._niceness = niceness
+        self.processes: list[SpawnProcess] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._spawn, name)
@@ -489,7 +490,31 @@ class _LowPriorityContext:
     def Process(self, *args: Any, **kwargs: Any) -> SpawnProcess:  # multiprocessing's name
         process = _LowPriorityProcess(*args, **kwargs)
         process.niceness = self._niceness  # pickled to the child with the process object
+        self.processes.append(process)
         return process
+
+
+class WorkerPool(ProcessPoolExecutor):
+    """The ``"process"`` executor: a ``ProcessPoolExecutor`` whose workers run at a low
+    priority while training runs, and at the trainer's once nothing is left to protect."""
+
+    def __init__(self, num_threads: int | None, niceness: int) -> None:
+        self._context = _LowPriorityContext(niceness)
+        super().__init__(max_workers=1, mp_context=self._context,  # type: ignore[arg-type]
+                         initializer=_start_worker, initargs=(num_threads, niceness))
+
+    def full_priority(self) -> None:
+        """The trainer's priority and scheduling class for the workers: called when the
+        trainer only waits for them (the end of fit). Best effort: leaving ``SCHED_IDLE`` or
+        lowering ``nice`` needs a permission (``CAP_SYS_NICE``, or ``RLIMIT_NICE``) that an
+        ordinary user often lacks; then the workers stay where they were."""
+        for process in self._context.processes:
+            if process.pid is None or not process.is_alive():
+                continue
+            with contextlib.suppress(OSError, AttributeError):
+                os.sched_setscheduler(process.pid, os.SCHED_OTHER, os.sched_param(0))
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, process.pid, os.getpriority(os.PRIO_PROCESS, 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,16 +536,11 @@ class InlineExecutor(Executor):
 
 def process_executor(
     num_threads: int | None = 1, niceness: int = WORKER_NICENESS
-) -> ProcessPoolExecutor:
+) -> WorkerPool:
     """One spawned worker process with ``num_threads`` torch threads (intra- and inter-op),
     at a lower CPU priority (``niceness``, see :data:`WORKER_NICENESS` and
     :data:`WORKER_IDLE_CLASS`), lowered from the moment the process exists."""
-    return ProcessPoolExecutor(
-        max_workers=1,
-        mp_context=_LowPriorityContext(niceness),  # type: ignore[arg-type]
-        initializer=_start_worker,
-        initargs=(num_threads, niceness),
-    )
+    return WorkerPool(num_threads, niceness)
 
 
 # --------------------------------------------------------------------------------------------
@@ -712,7 +732,13 @@ class EstimateQueue:
         return out
 
     def wait(self, *, progress: bool = False, description: str = "estimates") -> list[Completed]:
-        """Every pending estimate, in step order, blocking until the last one finishes."""
+        """Every pending estimate, in step order, blocking until the last one finishes.
+
+        Our own ``"process"`` worker gets the caller's priority back for the wait (where the
+        OS permits, see :meth:`WorkerPool.full_priority`): the caller only waits now.
+        """
+        if self._owned and isinstance(self._executor, WorkerPool) and self._queue:
+            self._executor.full_priority()
         bar = _progress(len(self._queue), description) if progress and self._queue else None
         out = []
         try:

@@ -289,3 +289,33 @@ def test_executor_that_says_fresh_process_per_task_gets_the_context_every_time()
     queue.close()
     assert [d.error for d in done] == [None, None]
     assert executor.with_context == [True, True]  # no refused round trip
+
+
+def worker_scheduling() -> tuple[int, int | None, int, int]:
+    """nice, scheduling class and torch threads of the process this runs in."""
+    import os
+
+    policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
+    return (os.getpriority(os.PRIO_PROCESS, 0), policy, torch.get_num_threads(),
+            torch.get_num_interop_threads())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_IDLE"), reason="Linux only")
+def test_the_process_worker_yields_the_cpu_to_training() -> None:
+    import os
+
+    from slt_callbacks.executors import WORKER_NICENESS, process_executor
+
+    parent = os.getpriority(os.PRIO_PROCESS, 0)
+    pool = process_executor(num_threads=1)
+    try:
+        nice, policy, threads, interop = pool.submit(worker_scheduling).result(timeout=300)
+        # Lowered by the parent at process start, so torch's import already yielded.
+        assert nice == min(19, parent + WORKER_NICENESS) and policy == os.SCHED_IDLE
+        assert (threads, interop) == (1, 1)
+        # The end of fit: the trainer's priority back where the OS permits, else unchanged.
+        pool.full_priority()
+        after = pool.submit(worker_scheduling).result(timeout=300)[:2]
+        assert after in ((parent, os.SCHED_OTHER), (nice, policy))
+    finally:
+        pool.shutdown()
