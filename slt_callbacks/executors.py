@@ -68,7 +68,7 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import (
     FIRST_COMPLETED,
     BrokenExecutor,
@@ -441,13 +441,13 @@ process in ``SCHED_IDLE`` (``benchmarks/results/overhead_cpu.md``)."""
 
 def lower_priority(pid: int = 0, niceness: int = WORKER_NICENESS, *,
                    idle: bool = WORKER_IDLE_CLASS) -> None:
-    """Lower the CPU priority of process ``pid`` (0: this one) by ``niceness`` and, with
-    ``idle``, move it to ``SCHED_IDLE``. Best effort: where not permitted or not
-    supported, the priority stays as it was."""
+    """Give process ``pid`` (0: this one) the ``nice`` value of this process plus
+    ``niceness`` and, with ``idle``, move it to ``SCHED_IDLE``. Best effort: where not
+    permitted or not supported, the priority stays as it was."""
     if niceness and hasattr(os, "setpriority"):
         with contextlib.suppress(OSError):
-            current = os.getpriority(os.PRIO_PROCESS, pid)
-            os.setpriority(os.PRIO_PROCESS, pid, min(19, current + niceness))
+            target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+            os.setpriority(os.PRIO_PROCESS, pid, max(target, os.getpriority(os.PRIO_PROCESS, pid)))
     if idle and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
         with contextlib.suppress(OSError):
             os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
@@ -499,22 +499,39 @@ class WorkerPool(ProcessPoolExecutor):
     priority while training runs, and at the trainer's once nothing is left to protect."""
 
     def __init__(self, num_threads: int | None, niceness: int) -> None:
+        self._niceness = niceness
         self._context = _LowPriorityContext(niceness)
         super().__init__(max_workers=1, mp_context=self._context,  # type: ignore[arg-type]
                          initializer=_start_worker, initargs=(num_threads, niceness))
 
+    def _alive(self) -> list[int]:
+        return [p.pid for p in self._context.processes if p.pid is not None and p.is_alive()]
+
     def full_priority(self) -> None:
-        """The trainer's priority and scheduling class for the workers: called when the
-        trainer only waits for them (the end of fit). Best effort: leaving ``SCHED_IDLE`` or
-        lowering ``nice`` needs a permission (``CAP_SYS_NICE``, or ``RLIMIT_NICE``) that an
-        ordinary user often lacks; then the workers stay where they were."""
-        for process in self._context.processes:
-            if process.pid is None or not process.is_alive():
-                continue
+        """The trainer's priority and scheduling class for the workers: called while the
+        trainer only waits for them (a full queue under ``when_full="wait"``, the end of
+        fit). Best effort: leaving ``SCHED_IDLE`` or lowering ``nice`` needs a permission
+        (``CAP_SYS_NICE``, or ``RLIMIT_NICE``) that an ordinary user often lacks; then the
+        workers stay where they were."""
+        for pid in self._alive():
             with contextlib.suppress(OSError, AttributeError):
-                os.sched_setscheduler(process.pid, os.SCHED_OTHER, os.sched_param(0))
+                os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
             with contextlib.suppress(OSError, AttributeError):
-                os.setpriority(os.PRIO_PROCESS, process.pid, os.getpriority(os.PRIO_PROCESS, 0))
+                os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0))
+
+    def low_priority(self) -> None:
+        """Back to the workers' priority while training runs (always permitted)."""
+        for pid in self._alive():
+            lower_priority(pid, self._niceness, idle=WORKER_IDLE_CLASS and self._niceness > 0)
+
+    @contextlib.contextmanager
+    def waited_on(self) -> Iterator[None]:
+        """:meth:`full_priority` for the block, :meth:`low_priority` after it."""
+        self.full_priority()
+        try:
+            yield
+        finally:
+            self.low_priority()
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,10 +724,11 @@ class EstimateQueue:
             if self.when_full == "skip":
                 self.skipped.append(job.step)
                 return False
-            while self._unfinished() >= self.max_pending:
-                wait_futures([e.future for e in self._queue if not e.future.done()],
-                             return_when=FIRST_COMPLETED)
-                self._resubmit_missing()
+            with self._caller_waits():
+                while self._unfinished() >= self.max_pending:
+                    wait_futures([e.future for e in self._queue if not e.future.done()],
+                                 return_when=FIRST_COMPLETED)
+                    self._resubmit_missing()
         ship = self.ship_context == "always" or not self._sent_context
         self._queue.append(_Pending(job, self._send(job, with_context=ship)))
         self._sent_context = True
@@ -734,29 +752,35 @@ class EstimateQueue:
     def wait(self, *, progress: bool = False, description: str = "estimates") -> list[Completed]:
         """Every pending estimate, in step order, blocking until the last one finishes.
 
-        Our own ``"process"`` worker gets the caller's priority back for the wait (where the
-        OS permits, see :meth:`WorkerPool.full_priority`): the caller only waits now.
+        Our own ``"process"`` worker gets the caller's priority for the wait (where the OS
+        permits, see :meth:`WorkerPool.full_priority`): the caller only waits now.
         """
-        if self._owned and isinstance(self._executor, WorkerPool) and self._queue:
-            self._executor.full_priority()
         bar = _progress(len(self._queue), description) if progress and self._queue else None
         out = []
         try:
-            while self._queue:
-                head = self._queue[0]
-                wait_futures([head.future])
-                if _is_missing(head.future):
-                    self._resubmit_missing()
-                    continue
-                out.append(self._deliver(self._queue.popleft()))
-                if bar is not None:
-                    bar.update(1)
+            with self._caller_waits():
+                while self._queue:
+                    head = self._queue[0]
+                    wait_futures([head.future])
+                    if _is_missing(head.future):
+                        self._resubmit_missing()
+                        continue
+                    out.append(self._deliver(self._queue.popleft()))
+                    if bar is not None:
+                        bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
         return out
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _caller_waits(self) -> contextlib.AbstractContextManager[None]:
+        """While the caller blocks on our own worker, the worker may take the caller's
+        priority (:meth:`WorkerPool.waited_on`); other executors are left alone."""
+        if self._owned and isinstance(self._executor, WorkerPool):
+            return self._executor.waited_on()
+        return contextlib.nullcontext()
 
     def _unfinished(self) -> int:
         return sum(not entry.future.done() for entry in self._queue)

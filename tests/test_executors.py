@@ -313,9 +313,13 @@ def test_the_process_worker_yields_the_cpu_to_training() -> None:
         # Lowered by the parent at process start, so torch's import already yielded.
         assert nice == min(19, parent + WORKER_NICENESS) and policy == os.SCHED_IDLE
         assert (threads, interop) == (1, 1)
-        # The end of fit: the trainer's priority back where the OS permits, else unchanged.
+        # While the trainer waits for it: the trainer's priority where the OS permits, else
+        # unchanged ...
         pool.full_priority()
         after = pool.submit(worker_scheduling).result(timeout=300)[:2]
         assert after in ((parent, os.SCHED_OTHER), (nice, policy))
+        # ... and low again when training resumes (always permitted).
+        pool.low_priority()
+        assert pool.submit(worker_scheduling).result(timeout=300)[:2] == (nice, policy)
     finally:
         pool.shutdown()

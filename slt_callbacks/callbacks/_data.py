@@ -51,23 +51,21 @@ __all__ = [
 ]
 
 
-def check_data_argument(argument: str, data: Any) -> None:
-    """``data`` is None or an iterable of batches; a bare Tensor is refused: iterating it
-    would yield its rows as "batches" (one sample each, without targets)."""
-    if data is None:
+def check_data_argument(argument: str, data: Any, *, optional: bool = True) -> None:
+    """``data`` is an iterable of batches (or None, if ``optional``); a bare Tensor is refused:
+    iterating it would yield its rows as "batches" (one sample each, without targets)."""
+    if data is None and optional:
         return
+    expected = f"argument `{argument}` to be {'None or ' if optional else ''}an iterable of " \
+        "batches (a DataLoader or a list of batches)"
     if isinstance(data, torch.Tensor):
         raise ValueError(
-            f"Expected argument `{argument}` to be None or an iterable of batches (a DataLoader "
-            f"or a list of batches) but got a bare Tensor of shape {tuple(data.shape)}. Wrap it: "
+            f"Expected {expected} but got a bare Tensor of shape {tuple(data.shape)}. Wrap it: "
             f"`{argument}=[batch]`, or "
             f"`{argument}=DataLoader(TensorDataset(x, y), batch_size=...)`."
         )
     if not isinstance(data, Iterable):
-        raise ValueError(
-            f"Expected argument `{argument}` to be None or an iterable of batches (a DataLoader "
-            f"or a list of batches) but got {type(data).__name__}."
-        )
+        raise ValueError(f"Expected {expected} but got {type(data).__name__}.")
 
 
 def draw_training_batches(

@@ -31,7 +31,7 @@ def check_llc_arguments(
     _check_mapping("components", components)
     _check_mapping("datasets", datasets)
     for name, value in (datasets or {}).items():
-        check_data_argument(f"datasets[{name!r}]", value)
+        check_data_argument(f"datasets[{name!r}]", value, optional=False)
     if criteria is not None and not isinstance(criteria, HealthCriteria):
         raise ValueError(
             f"Expected argument `criteria` to be a HealthCriteria or None but got "
