@@ -209,6 +209,7 @@ def compare_executors(step_counts: list[int], repeats: int, max_pending: int) ->
         "in the monitor's hooks (ms per estimate) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    rounds: list[str] = []
     for steps in step_counts:
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in EXECUTOR_CONFIGS}
         for _ in range(repeats):
@@ -236,7 +237,17 @@ def compare_executors(step_counts: list[int], repeats: int, max_pending: int) ->
                 f"{best['loop'] / base['loop']:.2f}× | {fit:.2f} | {fit / base_fit:.2f}× | "
                 f"{best['cpu']:.2f} | {best['cpu'] / base_cpu:.2f}× | {per} |"
             )
+        # Each round's monitor runs against that round's baseline, a minute apart at most: on
+        # a shared machine the load drifts less within a round than across the whole run.
+        for name, done in runs.items():
+            if name.startswith("none"):
+                continue
+            paired = [r["loop"] / b["loop"] for r, b in zip(done, runs["none (baseline)"],
+                                                             strict=True)]  # fmt: skip
+            rounds.append(f"{steps} steps, {name}: " + ", ".join(f"{x:.2f}×" for x in paired))
     load_end = os.getloadavg()
+    lines.append("\nTraining loop ÷ the same round's baseline, round by round:\n\n"
+                 + "\n".join(f"- {line}" for line in rounds))
     lines.append(
         f"\nLoad average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in load_start)}; "
         f"at the end: {', '.join(f'{x:.2f}' for x in load_end)}."
