@@ -30,8 +30,10 @@ Where it runs (``executor=``):
   path, no pickling);
 - ``"process"``: one local background worker, ``ProcessPoolExecutor(max_workers=1)`` with
   the *spawn* start method (fork would copy a process whose threads, CUDA context and open
-  files belong to the trainer), one torch thread and a lower CPU priority (``nice`` +10),
-  started and shut down by the queue;
+  files belong to the trainer), one intra- and one inter-op torch thread and a lower CPU
+  priority (``nice`` +10 and ``SCHED_IDLE``, from the moment the process exists; the
+  caller's priority while it only waits for the worker, where the OS permits), started and
+  shut down by the queue;
 - any :class:`concurrent.futures.Executor`: a ``ProcessPoolExecutor`` of your own,
   ``dask.distributed.Client(...).get_executor()`` (a multi-node Dask cluster works the same
   way as a ``LocalCluster``), or a small adapter for Ray or submitit (README, "Estimates off
