@@ -323,3 +323,37 @@ def test_the_process_worker_yields_the_cpu_to_training() -> None:
         assert pool.submit(worker_scheduling).result(timeout=300)[:2] == (nice, policy)
     finally:
         pool.shutdown()
+
+
+class CountingFuture(Future):
+    """A future that counts how often it is asked whether it is done."""
+
+    asked = 0
+
+    def done(self) -> bool:
+        CountingFuture.asked += 1
+        return super().done()
+
+
+def test_the_poll_after_each_batch_touches_no_future_until_one_finished() -> None:
+    """collect() runs after every training batch: with nothing finished it must not walk
+    the pending futures (a done-callback raises a flag instead)."""
+    executor = ManualExecutor()
+    queue = EstimateQueue(executor, max_pending=8, ship_context="always")
+    queue.open(make_context())
+    for step in range(4):
+        queue.submit(queue.job(step, weights_at(step), CONFIG, SEEDS))
+    counting = [CountingFuture() for _ in executor.futures]
+    for entry, future in zip(queue._queue, counting, strict=True):
+        entry.future = future
+        future.add_done_callback(queue._on_done)
+    executor.futures = counting
+    CountingFuture.asked = 0
+    queue._news = False
+    for _ in range(1000):
+        assert queue.collect() == []
+    assert CountingFuture.asked == 0
+    executor.finish(0)
+    assert [done.step for done in queue.collect()] == [0]
+    assert CountingFuture.asked > 0
+    queue.close()
