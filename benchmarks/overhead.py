@@ -107,9 +107,11 @@ class LoopClock(pl.Callback):
 
     def __init__(self) -> None:
         self.last_batch_end = float("nan")
+        self.last_batch_end_cpu = float("nan")
 
     def on_train_batch_end(self, *args: object) -> None:
         self.last_batch_end = time.perf_counter()
+        self.last_batch_end_cpu = time.process_time()
 
 
 EXECUTOR_CONFIGS: dict[str, Callable[[int], list[pl.Callback]]] = {
@@ -121,11 +123,52 @@ EXECUTOR_CONFIGS: dict[str, Callable[[int], list[pl.Callback]]] = {
 }
 
 
+class HookClock:
+    """Wall time the training thread spends in a monitor's hooks (what training pays), split
+    into the steps where an estimate was due and the others."""
+
+    def __init__(self, callback: pl.Callback) -> None:
+        self.callback = callback
+        self.start = 0.0  # on_train_start: data, checks, the worker's start (once per fit)
+        self.due = 0.0  # seconds in hooks at steps where an estimate was due
+        self.other = 0.0
+        self.num_due = self.num_other = 0
+        start = callback.on_train_start
+
+        def timed_start(*args: object) -> None:
+            begin = time.perf_counter()
+            start(*args)
+            self.start += time.perf_counter() - begin
+
+        callback.on_train_start = timed_start  # type: ignore[method-assign]
+        callback.on_train_batch_end = self._timed(callback.on_train_batch_end)  # type: ignore[method-assign]
+
+    @property
+    def seconds(self) -> float:
+        return self.start + self.due + self.other
+
+    def _timed(self, hook: Callable[..., None]) -> Callable[..., None]:
+        def timed(trainer: pl.Trainer, *args: object, **kwargs: object) -> None:
+            before = self.callback._next_due
+            start = time.perf_counter()
+            hook(trainer, *args, **kwargs)
+            elapsed = time.perf_counter() - start
+            if self.callback._next_due != before:
+                self.due, self.num_due = self.due + elapsed, self.num_due + 1
+            else:
+                self.other, self.num_other = self.other + elapsed, self.num_other + 1
+
+        return timed
+
+
 def time_loop(
     callbacks: list[pl.Callback], steps: int, data: TensorDataset
-) -> tuple[float, float, int, int]:
-    """Seconds of the training loop and of the whole fit, estimates logged and scheduled."""
+) -> dict[str, float]:
+    """Seconds of the training loop and of the whole fit, the training process's CPU
+    seconds during the loop (all its threads), the seconds spent in the monitor's hooks,
+    estimates logged and scheduled."""
     clock = LoopClock()
+    hooks = [HookClock(cb) for cb in callbacks if isinstance(cb, LLCMonitor)]
     pl.seed_everything(0, verbose=False)
     with tempfile.TemporaryDirectory() as logs:
         trainer = pl.Trainer(
@@ -134,7 +177,7 @@ def time_loop(
             enable_model_summary=False, enable_progress_bar=False,
         )
         loader = DataLoader(data, batch_size=128, shuffle=True)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.fit(Classifier(), loader)
@@ -142,41 +185,73 @@ def time_loop(
     monitors = [cb for cb in callbacks if isinstance(cb, LLCMonitor)]
     logged = len(monitors[0].history) if monitors else 0
     scheduled = sum(monitors[0].schedule.should_run(s) for s in range(steps + 1)) if monitors else 0
-    return clock.last_batch_end - start, total, logged, scheduled
+    return {
+        "loop": clock.last_batch_end - start, "fit": total,
+        "cpu": clock.last_batch_end_cpu - cpu_start,
+        "hooks": sum(h.seconds for h in hooks), "logged": logged, "scheduled": scheduled,
+        "start_s": hooks[0].start if hooks else 0.0,
+        "per_due_ms": 1000 * hooks[0].due / max(hooks[0].num_due, 1) if hooks else 0.0,
+        "per_other_us": 1e6 * hooks[0].other / max(hooks[0].num_other, 1) if hooks else 0.0,
+    }
 
 
 def compare_executors(step_counts: list[int], repeats: int, max_pending: int) -> str:
     data = dataset()
     time_loop([], 50, data)  # warm-up
+    load_start = os.getloadavg()
     lines = [
         f"Where the estimates run: training-loop time (best of {repeats}, round-robin), 1 "
         f"training thread, worker process with 1 thread, max_pending={max_pending}, "
         f"{torch.__version__}, CPU ({os.cpu_count()} cores, shared with other jobs)\n",
         "| steps | monitor | estimates logged / scheduled | training loop (s) | "
-        "× no monitor | whole fit, incl. the wait at the end (s) | × no monitor |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "× no monitor | whole fit, incl. the wait at the end (s) | × no monitor | "
+        "training process CPU in the loop (s) | × no monitor (CPU) | "
+        "in the monitor's hooks (ms per estimate) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    rounds: list[str] = []
     for steps in step_counts:
-        loops: dict[str, list[float]] = {name: [] for name in EXECUTOR_CONFIGS}
-        fits: dict[str, list[float]] = {name: [] for name in EXECUTOR_CONFIGS}
-        counts: dict[str, tuple[int, int]] = {}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in EXECUTOR_CONFIGS}
         for _ in range(repeats):
             for name, make in EXECUTOR_CONFIGS.items():
-                loop, fit, logged, scheduled = time_loop(make(max_pending), steps, data)
-                loops[name].append(loop)
-                fits[name].append(fit)
-                counts[name] = (logged, scheduled)
-                print(f"  {steps} steps, {name}: loop {loop:.2f} s, fit {fit:.2f} s, "
-                      f"{logged}/{scheduled} estimates", flush=True)
-        base_loop, base_fit = min(loops["none (baseline)"]), min(fits["none (baseline)"])
-        for name in EXECUTOR_CONFIGS:
-            loop, fit = min(loops[name]), min(fits[name])
-            logged, scheduled = counts[name]
-            estimates = "–" if name.startswith("none") else f"{logged} / {scheduled}"
+                run = time_loop(make(max_pending), steps, data)
+                runs[name].append(run)
+                print(f"  {steps} steps, {name}: loop {run['loop']:.2f} s, fit {run['fit']:.2f} s, "
+                      f"cpu {run['cpu']:.2f} s, hooks {run['hooks']:.2f} s, "
+                      f"{run['logged']}/{run['scheduled']} estimates, "
+                      f"train start {run['start_s']:.2f} s, "
+                      f"{run['per_due_ms']:.1f} ms per due step, "
+                      f"{run['per_other_us']:.0f} µs per other step, "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+        base = min(runs["none (baseline)"], key=lambda r: r["loop"])
+        base_fit = min(r["fit"] for r in runs["none (baseline)"])
+        base_cpu = min(r["cpu"] for r in runs["none (baseline)"])
+        for name, done in runs.items():
+            best = min(done, key=lambda r: r["loop"])  # the run least disturbed by others
+            fit = min(r["fit"] for r in done)
+            baseline = name.startswith("none")
+            estimates = "–" if baseline else f"{best['logged']} / {best['scheduled']}"
+            per = "–" if baseline else f"{1000 * best['hooks'] / max(best['scheduled'], 1):.1f}"
             lines.append(
-                f"| {steps} | {name} | {estimates} | {loop:.2f} | {loop / base_loop:.2f}× "
-                f"| {fit:.2f} | {fit / base_fit:.2f}× |"
+                f"| {steps} | {name} | {estimates} | {best['loop']:.2f} | "
+                f"{best['loop'] / base['loop']:.2f}× | {fit:.2f} | {fit / base_fit:.2f}× | "
+                f"{best['cpu']:.2f} | {best['cpu'] / base_cpu:.2f}× | {per} |"
             )
+        # Each round's monitor runs against that round's baseline, a minute apart at most: on
+        # a shared machine the load drifts less within a round than across the whole run.
+        for name, done in runs.items():
+            if name.startswith("none"):
+                continue
+            paired = [r["loop"] / b["loop"] for r, b in zip(done, runs["none (baseline)"],
+                                                             strict=True)]  # fmt: skip
+            rounds.append(f"{steps} steps, {name}: " + ", ".join(f"{x:.2f}×" for x in paired))
+    load_end = os.getloadavg()
+    lines.append("\nTraining loop ÷ the same round's baseline, round by round:\n\n"
+                 + "\n".join(f"- {line}" for line in rounds))
+    lines.append(
+        f"\nLoad average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in load_start)}; "
+        f"at the end: {', '.join(f'{x:.2f}' for x in load_end)}."
+    )
     return "\n".join(lines)
 
 

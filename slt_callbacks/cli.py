@@ -45,10 +45,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="loss_fn(model, batch) (default: run.pt's, else training_step)")
     sweep.add_argument("--config", metavar="JSON",
                        help="SGLDConfig fields as JSON, or a .json file, used for every "
-                       "snapshot (default: each snapshot's own)")
+                       "snapshot; fields not given take the SGLDConfig() defaults, not the "
+                       "snapshot's (default: each snapshot's own config)")
     sweep.add_argument("--seed", type=int, help="root seed (default: each snapshot's seeds)")
     sweep.add_argument("--component", action="append", default=[], metavar="NAME=GLOB",
-                       help="a weight-restricted estimate (repeatable)")
+                       help="a weight-restricted estimate (repeatable); replaces the "
+                       "components saved in run.pt")
     sweep.add_argument("--no-datasets", action="store_true",
                        help="skip the data-restricted estimates (data-<name>.pt)")
     sweep.add_argument("--executor", choices=("inline", "process", "dask"), default="inline",
@@ -110,7 +112,7 @@ class _executor:
     def __enter__(self) -> Any:
         kind = self.args.executor
         if kind != "dask":
-            return None if kind == "inline" else "process"
+            return kind  # "inline" (== None) or "process"
         from dask.distributed import Client, LocalCluster
 
         if self.args.scheduler:

@@ -26,11 +26,14 @@ once. Executors whose every task runs in a fresh process (submitit) should use
 
 Where it runs (``executor=``):
 
-- ``None``: inline, in the calling process, at once (the same code path, no pickling);
+- ``None`` (or ``"inline"``, the same): in the calling process, at once (the same code
+  path, no pickling);
 - ``"process"``: one local background worker, ``ProcessPoolExecutor(max_workers=1)`` with
   the *spawn* start method (fork would copy a process whose threads, CUDA context and open
-  files belong to the trainer), one torch thread and a lower CPU priority (``nice`` +10),
-  started and shut down by the queue;
+  files belong to the trainer), one intra- and one inter-op torch thread and a lower CPU
+  priority (``nice`` +10 and ``SCHED_IDLE``, from the moment the process exists; the
+  caller's priority while it only waits for the worker, where the OS permits), started and
+  shut down by the queue;
 - any :class:`concurrent.futures.Executor`: a ``ProcessPoolExecutor`` of your own,
   ``dask.distributed.Client(...).get_executor()`` (a multi-node Dask cluster works the same
   way as a ``LocalCluster``), or a small adapter for Ray or submitit (README, "Estimates off
@@ -67,7 +70,7 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import (
     FIRST_COMPLETED,
     BrokenExecutor,
@@ -78,6 +81,7 @@ from concurrent.futures import (
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
+from multiprocessing.context import SpawnProcess
 from typing import Any, Literal
 
 import torch
@@ -106,8 +110,11 @@ __all__ = [
     "unpack_state",
 ]
 
-ExecutorLike = Executor | Literal["process"] | None
-"""What ``executor=`` accepts: None (inline), ``"process"`` or a ``concurrent.futures.Executor``."""
+ExecutorLike = Executor | Literal["inline", "process"] | None
+"""What ``executor=`` accepts, everywhere (monitors, :class:`EstimateQueue`,
+:func:`~slt_callbacks.sweep_snapshots`, ``slt-callbacks sweep --executor``): None or its
+alias ``"inline"`` (in the calling process), ``"process"`` (one background worker) or a
+``concurrent.futures.Executor``."""
 
 WhenFull = Literal["wait", "skip"]
 
@@ -426,13 +433,107 @@ WORKER_NICENESS = 10
 ``nice``): where cores are scarce, training comes first and the estimates take what is
 left; they still all arrive, at the latest while the monitor waits at the end of fit."""
 
+WORKER_IDLE_CLASS = True
+"""Whether the ``"process"`` worker also runs in Linux's ``SCHED_IDLE`` class (where
+available): it then gets a core only when nothing else wants it. ``nice`` alone still
+gave a nice-10 worker about 10% of a shared core; measured on a loaded 2-core machine the
+training loop ran 1.20x slower next to a nice-10 SGLD process and 0.97x next to the same
+process in ``SCHED_IDLE`` (``benchmarks/results/overhead_cpu.md``)."""
+
+
+def lower_priority(pid: int = 0, niceness: int = WORKER_NICENESS, *,
+                   idle: bool = WORKER_IDLE_CLASS) -> None:
+    """Give process ``pid`` (0: this one) the ``nice`` value of this process plus
+    ``niceness`` and, with ``idle``, move it to ``SCHED_IDLE``. Best effort: where not
+    permitted or not supported, the priority stays as it was."""
+    if niceness and hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness)
+            os.setpriority(os.PRIO_PROCESS, pid, max(target, os.getpriority(os.PRIO_PROCESS, pid)))
+    if idle and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+
 
 def _start_worker(num_threads: int | None, niceness: int) -> None:
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    if niceness and hasattr(os, "nice"):
-        with contextlib.suppress(OSError):  # not permitted here: normal priority then
-            os.nice(niceness)
+        with contextlib.suppress(RuntimeError):  # only before the first inter-op work
+            torch.set_num_interop_threads(num_threads)
+    # Threads started from here on inherit the priority (Linux priorities are per thread);
+    # the parent already lowered the main thread's at process start (_LowPriorityContext).
+    lower_priority(0, 0, idle=WORKER_IDLE_CLASS and niceness > 0)
+
+
+class _LowPriorityProcess(SpawnProcess):
+    """A spawned process whose priority the parent lowers as soon as it exists, so that
+    its start-up (importing torch, unpickling the run: seconds of CPU) already yields to
+    training."""
+
+    niceness = WORKER_NICENESS
+
+    def start(self) -> None:
+        super().start()
+        if self.pid is not None:
+            lower_priority(self.pid, self.niceness, idle=WORKER_IDLE_CLASS and self.niceness > 0)
+
+
+class _LowPriorityContext:
+    """The *spawn* multiprocessing context, making :class:`_LowPriorityProcess` processes."""
+
+    def __init__(self, niceness: int) -> None:
+        self._spawn = get_context("spawn")
+        self._niceness = niceness
+        self.processes: list[SpawnProcess] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spawn, name)
+
+    def Process(self, *args: Any, **kwargs: Any) -> SpawnProcess:  # multiprocessing's name
+        process = _LowPriorityProcess(*args, **kwargs)
+        process.niceness = self._niceness  # pickled to the child with the process object
+        self.processes.append(process)
+        return process
+
+
+class WorkerPool(ProcessPoolExecutor):
+    """The ``"process"`` executor: a ``ProcessPoolExecutor`` whose workers run at a low
+    priority while training runs, and at the trainer's once nothing is left to protect."""
+
+    def __init__(self, num_threads: int | None, niceness: int) -> None:
+        self._niceness = niceness
+        self._context = _LowPriorityContext(niceness)
+        super().__init__(max_workers=1, mp_context=self._context,  # type: ignore[arg-type]
+                         initializer=_start_worker, initargs=(num_threads, niceness))
+
+    def _alive(self) -> list[int]:
+        return [p.pid for p in self._context.processes if p.pid is not None and p.is_alive()]
+
+    def full_priority(self) -> None:
+        """The trainer's priority and scheduling class for the workers: called while the
+        trainer only waits for them (a full queue under ``when_full="wait"``, the end of
+        fit). Best effort: leaving ``SCHED_IDLE`` or lowering ``nice`` needs a permission
+        (``CAP_SYS_NICE``, or ``RLIMIT_NICE``) that an ordinary user often lacks; then the
+        workers stay where they were."""
+        for pid in self._alive():
+            with contextlib.suppress(OSError, AttributeError):
+                os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0))
+
+    def low_priority(self) -> None:
+        """Back to the workers' priority while training runs (always permitted)."""
+        for pid in self._alive():
+            lower_priority(pid, self._niceness, idle=WORKER_IDLE_CLASS and self._niceness > 0)
+
+    @contextlib.contextmanager
+    def waited_on(self) -> Iterator[None]:
+        """:meth:`full_priority` for the block, :meth:`low_priority` after it."""
+        self.full_priority()
+        try:
+            yield
+        finally:
+            self.low_priority()
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,15 +555,11 @@ class InlineExecutor(Executor):
 
 def process_executor(
     num_threads: int | None = 1, niceness: int = WORKER_NICENESS
-) -> ProcessPoolExecutor:
-    """One spawned worker process with ``num_threads`` torch threads, at a lower CPU
-    priority (``niceness``, see :data:`WORKER_NICENESS`)."""
-    return ProcessPoolExecutor(
-        max_workers=1,
-        mp_context=get_context("spawn"),
-        initializer=_start_worker,
-        initargs=(num_threads, niceness),
-    )
+) -> WorkerPool:
+    """One spawned worker process with ``num_threads`` torch threads (intra- and inter-op),
+    at a lower CPU priority (``niceness``, see :data:`WORKER_NICENESS` and
+    :data:`WORKER_IDLE_CLASS`), lowered from the moment the process exists."""
+    return WorkerPool(num_threads, niceness)
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,8 +597,9 @@ class EstimateQueue:
     """Submit estimates to an executor, at most ``max_pending`` unfinished, results in order.
 
     Args:
-        executor: None (inline), ``"process"`` (one spawned worker, owned by the queue) or a
-            ``concurrent.futures.Executor`` (not shut down by the queue).
+        executor: None or ``"inline"`` (in this process), ``"process"`` (one spawned worker,
+            owned by the queue) or a ``concurrent.futures.Executor`` (not shut down by the
+            queue).
         max_pending: estimates submitted and not finished, at most.
         when_full: ``"wait"`` (block until one finishes) or ``"skip"`` (drop the new step and
             list it in :attr:`skipped`).
@@ -528,7 +626,7 @@ class EstimateQueue:
         num_threads: int | None = 1,
         ship_context: Literal["once", "always"] = "once",
     ) -> None:
-        check_executor(executor)
+        executor = check_executor(executor)
         self.max_pending = check_int("max_pending", max_pending, minimum=1)
         if when_full not in ("wait", "skip"):
             raise ValueError(
@@ -551,6 +649,9 @@ class EstimateQueue:
         self._context: bytes | None = None
         self._queue: deque[_Pending] = deque()
         self._sent_context = False
+        # Set by a done-callback (on the executor's thread) when any future finishes, so that
+        # collect(), called after every training batch, costs one attribute read otherwise.
+        self._news = False
         #: Steps not submitted because the queue was full (``when_full="skip"``).
         self.skipped: list[int] = []
 
@@ -625,17 +726,25 @@ class EstimateQueue:
             if self.when_full == "skip":
                 self.skipped.append(job.step)
                 return False
-            while self._unfinished() >= self.max_pending:
-                wait_futures([e.future for e in self._queue if not e.future.done()],
-                             return_when=FIRST_COMPLETED)
-                self._resubmit_missing()
+            with self._caller_waits():
+                while self._unfinished() >= self.max_pending:
+                    wait_futures([e.future for e in self._queue if not e.future.done()],
+                                 return_when=FIRST_COMPLETED)
+                    self._resubmit_missing()
         ship = self.ship_context == "always" or not self._sent_context
         self._queue.append(_Pending(job, self._send(job, with_context=ship)))
         self._sent_context = True
         return True
 
     def collect(self) -> list[Completed]:
-        """The finished estimates at the head of the queue, in step order (non-blocking)."""
+        """The finished estimates at the head of the queue, in step order (non-blocking).
+
+        Cheap when nothing finished since the last call (one flag read): the monitor calls
+        it after every training batch.
+        """
+        if not self._news:
+            return []
+        self._news = False  # before looking: a future finishing meanwhile sets it again
         self._resubmit_missing()
         out = []
         while self._queue and self._queue[0].future.done():
@@ -643,19 +752,24 @@ class EstimateQueue:
         return out
 
     def wait(self, *, progress: bool = False, description: str = "estimates") -> list[Completed]:
-        """Every pending estimate, in step order, blocking until the last one finishes."""
+        """Every pending estimate, in step order, blocking until the last one finishes.
+
+        Our own ``"process"`` worker gets the caller's priority for the wait (where the OS
+        permits, see :meth:`WorkerPool.full_priority`): the caller only waits now.
+        """
         bar = _progress(len(self._queue), description) if progress and self._queue else None
         out = []
         try:
-            while self._queue:
-                head = self._queue[0]
-                wait_futures([head.future])
-                if _is_missing(head.future):
-                    self._resubmit_missing()
-                    continue
-                out.append(self._deliver(self._queue.popleft()))
-                if bar is not None:
-                    bar.update(1)
+            with self._caller_waits():
+                while self._queue:
+                    head = self._queue[0]
+                    wait_futures([head.future])
+                    if _is_missing(head.future):
+                        self._resubmit_missing()
+                        continue
+                    out.append(self._deliver(self._queue.popleft()))
+                    if bar is not None:
+                        bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
@@ -663,10 +777,25 @@ class EstimateQueue:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _caller_waits(self) -> contextlib.AbstractContextManager[None]:
+        """While the caller blocks on our own worker, the worker may take the caller's
+        priority (:meth:`WorkerPool.waited_on`); other executors are left alone."""
+        if self._owned and isinstance(self._executor, WorkerPool):
+            return self._executor.waited_on()
+        return contextlib.nullcontext()
+
     def _unfinished(self) -> int:
         return sum(not entry.future.done() for entry in self._queue)
 
     def _send(self, job: EstimateJob, *, with_context: bool) -> Future[Any]:
+        future = self._submit_to_executor(job, with_context=with_context)
+        future.add_done_callback(self._on_done)  # runs at once if already done
+        return future
+
+    def _on_done(self, future: Future[Any]) -> None:
+        self._news = True
+
+    def _submit_to_executor(self, job: EstimateJob, *, with_context: bool) -> Future[Any]:
         assert self._executor is not None
         job = replace(job, context=self._context if with_context else None)
         try:
@@ -716,13 +845,15 @@ def _progress(total: int, description: str) -> Any:
     return tqdm(total=total, desc=description, unit="estimate")
 
 
-def check_executor(executor: Any) -> None:
-    """``ValueError`` unless ``executor`` is None, ``"process"`` or an ``Executor``."""
-    if executor is None or executor == "process" or isinstance(executor, Executor):
-        return
+def check_executor(executor: Any) -> ExecutorLike:
+    """``executor`` with ``"inline"`` read as None; ``ValueError`` unless it is None,
+    ``"inline"``, ``"process"`` or an ``Executor``."""
+    if executor is None or executor == "inline":
+        return None
+    if executor == "process" or isinstance(executor, Executor):
+        return executor
     raise ValueError(
-        "Expected argument `executor` to be None (inline), 'process' or a "
+        "Expected argument `executor` to be None or 'inline' (in this process), 'process' or a "
         "concurrent.futures.Executor (e.g. dask.distributed.Client(...).get_executor()) but got "
         f"{executor!r}."
     )
-

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .core.config import SGLDConfig
@@ -90,14 +91,18 @@ def sweep_snapshots(
         data: the batch pool; default ``run.pt``'s, else ``source/data.pt``.
         datasets: data-restricted estimates; default ``run.pt``'s, else every
             ``source/data-<name>.pt``. ``{}`` for none.
-        components: weight-restricted estimates; default ``run.pt``'s, else none.
+        components: weight-restricted estimates; default ``run.pt``'s, else none. Given, they
+            *replace* the saved components (not added to them), as ``--component`` does.
         config: one config for every snapshot (e.g. a final calibrated one); default each
-            snapshot's own (``SGLDConfig()`` for a Lightning checkpoint).
+            snapshot's own (``SGLDConfig()`` for a Lightning checkpoint). A whole config:
+            ``slt-callbacks sweep --config '{"step_size": 3e-4}'`` builds
+            ``SGLDConfig(step_size=3e-4)``, every other field at the ``SGLDConfig()``
+            default, *not* the snapshot's (pass every field that should match the run).
         seed: root seed, derived per step as the monitor does; default each snapshot's own
             seeds (0 for a Lightning checkpoint).
         criteria: thresholds of the health checks.
-        executor: None (in this process), ``"process"`` or a ``concurrent.futures.Executor``
-            (e.g. ``dask.distributed.Client(...).get_executor()``).
+        executor: None or ``"inline"`` (in this process), ``"process"`` or a
+            ``concurrent.futures.Executor`` (e.g. ``dask.distributed.Client(...).get_executor()``).
         max_pending: snapshots in flight at once (each holds its weights in memory).
         device: where the estimates run (read by the worker).
         csv_path: write one row per snapshot there (step, λ̂, per component and dataset,
@@ -117,6 +122,9 @@ def sweep_snapshots(
     Raises:
         ValueError: nothing to read at ``source``, or no model to load the weights into.
     """
+    _check_batches("data", data)
+    for name, value in (datasets or {}).items():
+        _check_batches(f"datasets[{name!r}]", value)
     files = find_snapshots(source)
     directory = Path(source) if Path(source).is_dir() else Path(source).parent
     context = _context(directory, model, loss_fn, data, datasets, components, criteria, device)
@@ -150,6 +158,22 @@ def sweep_snapshots(
 
 
 # -- the context: given, saved with the run, or read from the directory ------------------------
+
+
+def _check_batches(argument: str, value: Any) -> None:
+    """None or a sequence of batches; a bare Tensor would be read row by row as batches."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        raise ValueError(
+            f"Expected argument `{argument}` to be None or a list of batches but got a bare "
+            f"Tensor of shape {tuple(value.shape)}; pass [batch] for one batch."
+        )
+    if not isinstance(value, Iterable):
+        raise ValueError(
+            f"Expected argument `{argument}` to be None or a list of batches but got "
+            f"{type(value).__name__}."
+        )
 
 
 def _context(

@@ -289,3 +289,71 @@ def test_executor_that_says_fresh_process_per_task_gets_the_context_every_time()
     queue.close()
     assert [d.error for d in done] == [None, None]
     assert executor.with_context == [True, True]  # no refused round trip
+
+
+def worker_scheduling() -> tuple[int, int | None, int, int]:
+    """nice, scheduling class and torch threads of the process this runs in."""
+    import os
+
+    policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
+    return (os.getpriority(os.PRIO_PROCESS, 0), policy, torch.get_num_threads(),
+            torch.get_num_interop_threads())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_IDLE"), reason="Linux only")
+def test_the_process_worker_yields_the_cpu_to_training() -> None:
+    import os
+
+    from slt_callbacks.executors import WORKER_NICENESS, process_executor
+
+    parent = os.getpriority(os.PRIO_PROCESS, 0)
+    pool = process_executor(num_threads=1)
+    try:
+        nice, policy, threads, interop = pool.submit(worker_scheduling).result(timeout=300)
+        # Lowered by the parent at process start, so torch's import already yielded.
+        assert nice == min(19, parent + WORKER_NICENESS) and policy == os.SCHED_IDLE
+        assert (threads, interop) == (1, 1)
+        # While the trainer waits for it: the trainer's priority where the OS permits, else
+        # unchanged ...
+        pool.full_priority()
+        after = pool.submit(worker_scheduling).result(timeout=300)[:2]
+        assert after in ((parent, os.SCHED_OTHER), (nice, policy))
+        # ... and low again when training resumes (always permitted).
+        pool.low_priority()
+        assert pool.submit(worker_scheduling).result(timeout=300)[:2] == (nice, policy)
+    finally:
+        pool.shutdown()
+
+
+class CountingFuture(Future):
+    """A future that counts how often it is asked whether it is done."""
+
+    asked = 0
+
+    def done(self) -> bool:
+        CountingFuture.asked += 1
+        return super().done()
+
+
+def test_the_poll_after_each_batch_touches_no_future_until_one_finished() -> None:
+    """collect() runs after every training batch: with nothing finished it must not walk
+    the pending futures (a done-callback raises a flag instead)."""
+    executor = ManualExecutor()
+    queue = EstimateQueue(executor, max_pending=8, ship_context="always")
+    queue.open(make_context())
+    for step in range(4):
+        queue.submit(queue.job(step, weights_at(step), CONFIG, SEEDS))
+    counting = [CountingFuture() for _ in executor.futures]
+    for entry, future in zip(queue._queue, counting, strict=True):
+        entry.future = future
+        future.add_done_callback(queue._on_done)
+    executor.futures = counting
+    CountingFuture.asked = 0
+    queue._news = False
+    for _ in range(1000):
+        assert queue.collect() == []
+    assert CountingFuture.asked == 0
+    executor.finish(0)
+    assert [done.step for done in queue.collect()] == [0]
+    assert CountingFuture.asked > 0
+    queue.close()

@@ -20,7 +20,6 @@ Under DDP only global rank zero submits and logs (each estimate is computed once
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,15 +35,13 @@ from slt_callbacks.executors import (
     ExecutorLike,
     RunContext,
     check_executor,
-    dump_context,
     pack_state,
 )
-from slt_callbacks.snapshots import save_batches, save_run
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["BackgroundEstimates"]
+__all__ = ["BackgroundEstimates", "BackgroundMixin", "run_context"]
 
 
 class BackgroundEstimates:
@@ -70,8 +67,7 @@ class BackgroundEstimates:
         num_threads: int | None = 1,
         device: str | None = None,
     ) -> None:
-        check_executor(executor)
-        if executor is None:
+        if check_executor(executor) is None:
             raise ValueError("BackgroundEstimates needs an executor; inline runs in the monitor.")
         if device is not None and not isinstance(device, str):
             raise ValueError(
@@ -157,7 +153,7 @@ class BackgroundEstimates:
 
     def collect(self) -> list[Completed]:
         """Finished estimates, in step order (non-blocking)."""
-        return self._count(self.queue.collect())
+        return self.queue.collect()
 
     def drain(self) -> list[Completed]:
         """Wait for every pending estimate (progress bar), in step order."""
@@ -165,15 +161,15 @@ class BackgroundEstimates:
             rank_zero_info(
                 f"{self.owner}: waiting for {len(self.queue.pending_jobs)} pending estimate(s)."
             )
-        return self._count(self.queue.wait(progress=True, description=self.owner))
+        return self.queue.wait(progress=True, description=self.owner)
 
-    def _count(self, completed: list[Completed]) -> list[Completed]:
-        for done in completed:
-            if done.error is None:
-                self.num_delivered += 1
-            else:
-                self.num_failed += 1
-        return completed
+    def count(self, done: Completed) -> None:
+        """Count ``done`` as delivered or failed, as it is published (so that the counts in
+        its messages and metrics are those at its turn, whatever arrived with it)."""
+        if done.error is None:
+            self.num_delivered += 1
+        else:
+            self.num_failed += 1
 
     def describe_failure(self, done: Completed) -> str:
         """The warning for a failed job: its step, the monitor's status, the traceback."""
@@ -242,27 +238,6 @@ def run_context(
     )
 
 
-def save_run_files(
-    directory: Path,
-    pl_module: pl.LightningModule,
-    *,
-    owner: str,
-    **context: Any,
-) -> None:
-    """``data.pt``, ``data-<name>.pt`` and, if the run pickles, ``run.pt`` in ``directory``
-    (see :mod:`slt_callbacks.snapshots`): what a sweep after training needs besides the
-    weights."""
-    ready = run_context(pl_module, **context)
-    save_batches(directory, ready.batches, ready.datasets)
-    try:
-        save_run(directory, dump_context(ready))
-    except ValueError as error:
-        rank_zero_info(
-            f"{owner}: no run.pt in {directory} ({error}); pass model= (and loss_fn=) to "
-            "sweep_snapshots for a sweep after training."
-        )
-
-
 class BackgroundMixin:
     """Hooks that turn a :class:`~slt_callbacks.callbacks._base._ScheduledMonitor` into one
     whose measurements may run on an executor.
@@ -283,7 +258,7 @@ class BackgroundMixin:
         when_full: str,
         worker_device: str | None,
     ) -> None:
-        check_executor(executor)
+        executor = check_executor(executor)  # "inline" is None: estimates in the loop
         self._background = None if executor is None else BackgroundEstimates(
             executor, owner=type(self).__name__, max_pending=max_pending,
             when_full=when_full, device=worker_device,
@@ -323,7 +298,7 @@ class BackgroundMixin:
             config, seeds = self._submission(trainer, pl_module, step)
         if not trainer.is_global_zero:  # under DDP each estimate is computed and logged once
             return
-        self._submitted_loss[step] = self._loss_value()  # type: ignore[attr-defined]
+        self._submitted_loss[step] = self._loss.value()  # type: ignore[attr-defined]
         if not self._background.submit(pl_module, step, config, seeds):
             skipped = float(len(self._background.skipped))
             self._sink.log({self._key("skipped_estimates"): skipped}, step=step)  # type: ignore[attr-defined]
@@ -374,6 +349,7 @@ class BackgroundMixin:
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: Completed
     ) -> None:
         assert self._background is not None
+        self._background.count(done)
         sink = self._sink  # type: ignore[attr-defined]
         key = self._key  # type: ignore[attr-defined]
         if done.error is not None:

@@ -1,4 +1,4 @@
-"""What every monitor shares: *when* to measure, on *which* data, with *which* loss.
+"""What every monitor shares: *when* to measure, and the bookkeeping around it.
 
 A monitor is a thin adapter. :class:`_ScheduledMonitor` owns the Lightning side of it:
 
@@ -11,216 +11,61 @@ A monitor is a thin adapter. :class:`_ScheduledMonitor` owns the Lightning side 
 - **what it remembers**: ``history`` (one plain dict per measurement) and the last step
   measured, in ``state_dict`` so a resumed run continues the schedule;
 - **what it refuses**: bad configuration, found in ``setup`` (or in ``on_train_start`` for what
-  needs a batch), before any training step, whatever the schedule: the loss is a scalar,
-  depends on the trainable parameters, and looks like a mean (else a warning);
+  needs a batch), before any training step, whatever the schedule;
 - **what it survives**: a measurement that fails numerically (NaN at w*, a kernel without a
   double backward, out of memory) is logged as a failed step and training goes on
   (:mod:`slt_callbacks.callbacks._guard`), unless ``on_failure="raise"``.
 
-Subclasses implement :meth:`_ScheduledMonitor._measure` (call the core estimator, return a
-history entry and the metrics to log) and nothing of the above.
+Which data and which loss are :mod:`._data`'s (the default loss is :mod:`._loss`'s), the DDP
+side :mod:`._distributed`'s. Subclasses implement :meth:`_ScheduledMonitor._measure` (call
+the core estimator, return a history entry and the metrics to log) and nothing of the above.
 
 Training must be untouched by a monitor. Every measurement therefore runs inside
 :func:`~lightning.pytorch.utilities.seed.isolate_rng` (a user's ``training_step`` or dataset
 may draw from the global RNG), with autocast off (the estimators work in fp32 even under
-``precision="bf16-mixed"``), and never iterates the training ``DataLoader``: the default data
-are drawn once from its *dataset* with the monitor's own generator.
+``precision="bf16-mixed"``), and never iterates the training ``DataLoader``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
 
 from slt_callbacks._checks import check_int
-from slt_callbacks.core.config import DEFAULT_MAX_BATCHES
-from slt_callbacks.core.functional import (
-    LossFn,
-    LossModule,
-    batch_norm_reason,
-    check_scalar_loss,
-    frozen_tensors,
-    loss_at,
-    loss_depends_on_parameters,
-    module_mode,
-    sum_reduction_reason,
-    trainable_parameters,
-)
+from slt_callbacks.core.functional import LossFn, trainable_parameters
 from slt_callbacks.schedule import Schedule, coerce, fire
 from slt_callbacks.seeds import derive_seed
 from slt_callbacks.sinks import MetricSink
 
+from ._data import (
+    check_data_argument,
+    check_loss,
+    draw_training_batches,
+    resolve_data,
+    resolve_loss_fn,
+    take_batches,
+)
 from ._distributed import check_strategy, gather, split
 from ._guard import CAUGHT, Failure, FailureGuard, OnFailure
+from ._loss import TrainingStepLoss
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-# check_strategy, gather, split and derive_seed live in ._distributed and slt_callbacks.seeds;
-# they are importable from here too.
-__all__ = ["TrainingStepLoss", "check_strategy", "derive_seed", "gather", "split"]
+# Importable from here too, as before the split (and pickled run files name
+# slt_callbacks.callbacks._base.TrainingStepLoss).
+__all__ = ["TrainingStepLoss", "check_strategy", "derive_seed", "draw_training_batches",
+           "gather", "split", "take_batches"]  # fmt: skip
 
 ScheduleLike = Schedule | list[int] | int | None
 """What a monitor's ``schedule=`` accepts (see :func:`slt_callbacks.schedule.coerce`)."""
-
-
-# --------------------------------------------------------------------------------------------
-# The default loss: the user's own training_step, made quiet.
-# --------------------------------------------------------------------------------------------
-
-
-def _no_op(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def _quiet(module: nn.Module) -> Iterator[None]:
-    """Make ``self.log``/``self.log_dict`` and every torchmetrics ``Metric`` inert for the block.
-
-    Called from a callback hook, ``self.log("train_loss", ...)`` would overwrite the value the
-    user logged for the real training batch (and feed the progress bar, ``EarlyStopping`` and
-    ``ModelCheckpoint``). A ``Metric`` updated in ``training_step`` would count our
-    evaluations as training batches (and its in-place state updates cannot run under
-    ``torch.func`` transforms), so its ``update`` does nothing and calling it returns None.
-    Instance attributes are shadowed and restored, the classes are not touched.
-    """
-    shadows = [(module, "log", _no_op), (module, "log_dict", _no_op)]
-    for metric in _metrics(module):
-        shadows += [(metric, "forward", _no_op), (metric, "update", _no_op)]
-    saved = [(obj, name, obj.__dict__.get(name, _MISSING)) for obj, name, _ in shadows]
-    for obj, name, value in shadows:
-        obj.__dict__[name] = value
-    try:
-        yield
-    finally:
-        for obj, name, previous in reversed(saved):
-            if previous is _MISSING:
-                obj.__dict__.pop(name, None)
-            else:
-                obj.__dict__[name] = previous
-
-
-_MISSING = object()
-
-
-def _metrics(module: nn.Module) -> list[nn.Module]:
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # torchmetrics is a dependency, but the guard costs nothing
-        return []
-    return [m for m in module.modules() if isinstance(m, Metric)]
-
-
-class TrainingStepLoss:
-    """``loss_fn(model, batch) = model.training_step(batch, 0)``, with logging silenced.
-
-    The default loss of every monitor: the loss the user trains on, without asking for it
-    twice. ``self.log``/``self.log_dict`` and torchmetrics ``Metric`` objects are inert during
-    the call, so the user's logged metrics are unchanged. ``training_step``
-    may return the loss tensor or a dict with a ``"loss"`` entry. Anything else it does (state
-    it mutates, prints) happens at every evaluation: pass ``loss_fn=`` for such modules.
-
-    Usable outside a ``Trainer`` too, e.g. to recompute an estimate from a weight snapshot::
-
-        estimate_llc(module, TrainingStepLoss(), batches, config=config, seed=seed)
-
-    Raises:
-        ValueError: ``training_step`` returned something else (e.g. ``None`` under manual
-            optimization); pass ``loss_fn=`` to the monitor instead.
-    """
-
-    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        with _quiet(model):
-            output = model.training_step(batch, 0)
-        if isinstance(output, Mapping) and "loss" in output:
-            output = output["loss"]
-        if not isinstance(output, torch.Tensor):
-            raise ValueError(
-                "The default `loss_fn` calls `training_step(batch, 0)` and expects a loss tensor "
-                f"or a dict with 'loss', but it returned {type(output).__name__}. Pass "
-                "`loss_fn=lambda model, batch: ...` (the scalar mean loss of `batch`) to the "
-                "monitor."
-            )
-        return output
-
-    def __repr__(self) -> str:
-        return "TrainingStepLoss()"
-
-
-# --------------------------------------------------------------------------------------------
-# The default data: drawn once from the training set, never through its DataLoader.
-# --------------------------------------------------------------------------------------------
-
-
-def draw_training_batches(
-    loader: Any, *, num_batches: int, generator: torch.Generator, owner: str
-) -> list[Any]:
-    """``num_batches`` batches from ``loader``'s map-style dataset, indices drawn with
-    ``generator`` (without replacement while the dataset lasts), collated with the loader's
-    ``collate_fn`` and ``batch_size``.
-
-    The training ``DataLoader`` itself is never iterated: that would advance a stateful
-    iterator or, through a shuffling sampler, the global RNG.
-    """
-    advice = f"Pass `data=` (a DataLoader or a list of batches) to {owner}."
-    if not isinstance(loader, DataLoader):
-        raise ValueError(
-            f"{owner}: the default data are drawn from the trainer's train DataLoader, but the "
-            f"train dataloader is {type(loader).__name__}. {advice}"
-        )
-    dataset = loader.dataset
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-        raise ValueError(
-            f"{owner}: the default data are drawn by index from the training dataset, but it is "
-            f"an iterable-style {type(dataset).__name__} without random access. {advice}"
-        )
-    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
-    if not isinstance(batch_size, int) or len(dataset) == 0:
-        raise ValueError(
-            f"{owner}: cannot tell the batch size of the train DataLoader (batch_size="
-            f"{batch_size!r}, {len(dataset)} samples). {advice}"
-        )
-    # At most one pass, without replacement: repeated samples would inflate n (and with it
-    # the default nβ = n/log n) without adding data.
-    if len(dataset) < batch_size:
-        num_batches, batch_size = 1, len(dataset)
-    num_batches = min(num_batches, len(dataset) // batch_size)
-    order = torch.randperm(len(dataset), generator=generator)
-    indices = order[: num_batches * batch_size].view(num_batches, batch_size).tolist()
-    return [loader.collate_fn([dataset[i] for i in row]) for row in indices]
-
-
-def take_batches(data: Iterable[Any], *, limit: int, argument: str, owner: str) -> list[Any]:
-    """The first ``limit`` batches of a user's ``data``, kept for the whole run so that every
-    measurement sees the same data."""
-    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
-        raise ValueError(
-            f"{owner}: expected `{argument}` to be an iterable of batches (a DataLoader or a list "
-            f"of batches) but got {type(data).__name__}."
-        )
-    batches = list(itertools.islice(iter(data), limit))
-    if not batches:
-        raise ValueError(
-            f"{owner}: expected `{argument}` to yield at least one batch but it was empty."
-        )
-    return batches
-
-
-# --------------------------------------------------------------------------------------------
-# The base callback.
-# --------------------------------------------------------------------------------------------
 
 
 class _ScheduledMonitor(Callback):
@@ -270,11 +115,7 @@ class _ScheduledMonitor(Callback):
                 "Expected argument `loss_fn` to be None or a callable loss_fn(model, batch) -> "
                 f"scalar Tensor but got {type(loss_fn).__name__}."
             )
-        if data is not None and (isinstance(data, torch.Tensor) or not isinstance(data, Iterable)):
-            raise ValueError(
-                "Expected argument `data` to be None or an iterable of batches (a DataLoader or "
-                f"a list of batches) but got {type(data).__name__}."
-            )
+        check_data_argument("data", data)
         self.seed = seed
         self.prefix = prefix
         self.loss_fn = loss_fn
@@ -334,6 +175,7 @@ class _ScheduledMonitor(Callback):
                 "numbers would go nowhere. Pass e.g. `logger=CSVLogger('runs')`."
             )
         check_strategy(trainer, self._name)
+        self._check_unique_prefix(trainer)
         if trainer.max_steps >= 0:
             self._check_schedule_fires(trainer.max_steps, "max_steps")
         if trainer.global_step == 0:
@@ -436,11 +278,12 @@ class _ScheduledMonitor(Callback):
                     "so there is nothing to measure. Unfreeze the parameters to measure, or "
                     "remove the monitor."
                 )
-            self._loss_fn = self._resolve_loss_fn(pl_module)
+            self._loss_fn = resolve_loss_fn(self.loss_fn, pl_module, self._name)
             self._batches = self._resolve_data(
                 trainer, pl_module, self.data, argument="data", num_batches=self._num_batches()
             )
-            self._check_loss(pl_module, self._batches[0], "data")
+            check_loss(pl_module, self._loss_fn, self._batches[0], argument="data",
+                       owner=self._name)
 
     def _measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
@@ -470,17 +313,6 @@ class _ScheduledMonitor(Callback):
     def _seed(self, trainer: pl.Trainer, step: int, tag: str) -> int:
         return derive_seed(self.seed, step, trainer.global_rank, tag)
 
-    def _resolve_loss_fn(self, pl_module: pl.LightningModule) -> LossFn:
-        if self.loss_fn is not None:
-            return self.loss_fn
-        if not pl_module.automatic_optimization:
-            raise MisconfigurationException(
-                f"{self._name}: the default `loss_fn` calls `training_step`, which steps the "
-                "optimizers itself under manual optimization. Pass `loss_fn=lambda model, "
-                "batch: ...` (the scalar mean loss of `batch`)."
-            )
-        return TrainingStepLoss()
-
     def _resolve_data(
         self,
         trainer: pl.Trainer,
@@ -490,61 +322,24 @@ class _ScheduledMonitor(Callback):
         argument: str,
         num_batches: int | None,
     ) -> list[Any]:
-        """Batches on the module's device, fixed for the whole run (the same data at every
-        step keeps the curve comparable over training)."""
-        if data is None:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, 0, 0, "data"))
-            batches = draw_training_batches(
-                trainer.train_dataloader,
-                num_batches=num_batches or self.default_num_batches,
-                generator=generator,
-                owner=self._name,
+        """See :func:`~slt_callbacks.callbacks._data.resolve_data`."""
+        return resolve_data(trainer, pl_module, data, argument=argument, num_batches=num_batches,
+                            default_num_batches=self.default_num_batches, seed=self.seed,
+                            owner=self._name)  # fmt: skip
+
+    def _check_unique_prefix(self, trainer: pl.Trainer) -> None:
+        """Two monitors of one class with one prefix would log into the same keys (Lightning
+        refuses them at ``Trainer(...)``, not when added to ``trainer.callbacks`` later or by
+        ``configure_callbacks``)."""
+        twins = [cb for cb in trainer.callbacks if cb is not self
+                 and type(cb) is type(self) and cb.prefix == self.prefix]  # fmt: skip
+        if twins:
+            raise MisconfigurationException(
+                f"The Trainer has {len(twins) + 1} `{self._name}` callbacks with prefix="
+                f"{self.prefix!r}: their metrics and checkpoint state would collide. Give each "
+                f"its own prefix, e.g. {self._name}(prefix='slt/a/') and "
+                f"{self._name}(prefix='slt/b/')."
             )
-            # Training batches reach training_step through the module's (and datamodule's)
-            # transfer hooks; ours take the same path, so the default loss sees the same kind.
-            return [
-                pl_module._apply_batch_transfer_handler(pl_module._on_before_batch_transfer(b))
-                for b in batches
-            ]
-        batches = take_batches(
-            data, limit=num_batches or DEFAULT_MAX_BATCHES, argument=argument, owner=self._name
-        )
-        return [move_data_to_device(b, pl_module.device) for b in batches]
-
-    def _check_loss(self, pl_module: pl.LightningModule, batch: Any, argument: str) -> None:
-        """Before any training step: the loss is a finite-or-not scalar that depends on the
-        trainable parameters (an error otherwise) and looks like a mean over the batch (a
-        warning otherwise, see :func:`~slt_callbacks.core.functional.sum_reduction_reason`)."""
-        assert self._loss_fn is not None
-        # Through functional_call with cloned buffers, like every estimate: a loss that
-        # updates module state (a counter buffer, running statistics) must not leak into
-        # training from this check either.
-        wrapper = LossModule(pl_module, self._loss_fn)
-        tensors = {**frozen_tensors(pl_module), **trainable_parameters(pl_module)}
-        where = f"{self._name} (first batch of `{argument}`)"
-        with module_mode(pl_module, train=False):
-            with torch.no_grad():
-                try:
-                    loss = loss_at(wrapper, tensors, batch)
-                    check_scalar_loss(loss, argument="loss_fn")
-                except ValueError as err:
-                    raise ValueError(f"{where}: {err}") from err
-            if tensors and not loss_depends_on_parameters(wrapper, tensors, batch):
-                raise ValueError(
-                    f"{where}: the loss returned by `loss_fn` does not depend on any trainable "
-                    "parameter of the model (or was detached), so every measurement would be "
-                    "0 or undefined. Is `loss_fn` calling the model it is given?"
-                )
-            with torch.no_grad():
-                reason = sum_reduction_reason(lambda b: loss_at(wrapper, tensors, b), batch)
-        if reason is not None:
-            rank_zero_warn(f"{where}: {reason}")
-
-    def _check_batch_norm(self, pl_module: pl.LightningModule, *, train_mode: bool) -> None:
-        """Say what BatchNorm layers do to the measurement in the mode it runs in."""
-        reason = batch_norm_reason(pl_module, train_mode=train_mode)
-        if reason is not None:
-            rank_zero_warn(f"{self._name}: {reason}")
 
     def _check_schedule_fires(self, max_step: int, what: str) -> None:
         first = self.schedule.next_step(-1)
@@ -555,8 +350,3 @@ class _ScheduledMonitor(Callback):
                 f"Pass a schedule with a step in [0, {max_step}], e.g. schedule=None (log-spaced) "
                 f"or schedule=[0, {max_step}]."
             )
-
-
-def callbacks_with(trainer: pl.Trainer, method: str) -> list[Callable[..., Any]]:
-    """The bound ``method`` of every callback of ``trainer`` that defines it."""
-    return [getattr(cb, method) for cb in trainer.callbacks if callable(getattr(cb, method, None))]

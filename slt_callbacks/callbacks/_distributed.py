@@ -9,7 +9,7 @@ parts are gathered with :func:`gather` and merged, and every rank holds the merg
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -25,14 +25,24 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from slt_callbacks.core.config import SGLDConfig
 from slt_callbacks.core.diagnostics import HealthCriteria
-from slt_callbacks.core.llc import LLCResult, merge_results
+from slt_callbacks.core.functional import LossFn
+from slt_callbacks.core.llc import LLCResult, estimate_llc, merge_results
+from slt_callbacks.core.restrict import Selector
+from slt_callbacks.seeds import derive_seed
 
-from ._guard import Failure, raise_if_any_failed
+from ._guard import Failure, attempt, raise_if_any_failed
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["check_chain_split", "check_strategy", "estimate_on_ranks", "gather", "split"]
+__all__ = [
+    "RankedEstimator",
+    "check_chain_split",
+    "check_strategy",
+    "estimate_on_ranks",
+    "gather",
+    "split",
+]
 
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
@@ -117,3 +127,45 @@ def to_cpu(result: LLCResult) -> LLCResult:
     }
     components = {name: to_cpu(part) for name, part in result.components.items()}
     return replace(result, **tensors, summary=summary, components=components)
+
+
+class RankedEstimator:
+    """``estimate_llc`` as an inline monitor runs it: this rank's share of the chains, with
+    this rank's seed, merged over ranks (:func:`estimate_on_ranks`).
+
+    The signature is that of the ``estimate=`` hook of
+    :func:`~slt_callbacks.executors.estimate_all`. Once the vmap backend failed for the model
+    (``backend="auto"`` fell back to the loop, and the core warned), later estimates go to
+    the loop backend directly instead of failing over at every step.
+
+    """
+
+    def __init__(self) -> None:
+        self.backend: str | None = None  # "loop" once vmap failed
+
+    def bind(self, trainer: pl.Trainer, root_seed: int, step: int) -> Callable[..., LLCResult]:
+        """The estimator of ``step`` (for ``estimate_all(..., estimate=...)``); each rank's
+        seed is derived from (``root_seed``, step, rank, tag), not the ``seed`` it is given
+        (rank zero's, the one a sweep of the snapshot uses)."""
+
+        def estimate(model: Any, loss_fn: LossFn, batches: list[Any], *, config: SGLDConfig,
+                     components: Mapping[str, Selector] | None, seed: int, tag: str,
+                     criteria: HealthCriteria | None) -> LLCResult:  # fmt: skip
+            if self.backend is not None:
+                config = replace(config, backend=self.backend)
+
+            def run(local: SGLDConfig) -> LLCResult | Failure:
+                outcome = attempt(
+                    estimate_llc, model, loss_fn, batches, config=local, components=components,
+                    seed=derive_seed(root_seed, step, trainer.global_rank, tag),
+                    on_failure="ignore",  # the monitor reports health, once a step
+                    criteria=criteria, rank=trainer.global_rank,
+                )
+                if isinstance(outcome, LLCResult) and (outcome.backend, local.backend) == (
+                        "loop", "auto"):  # fmt: skip
+                    self.backend = "loop"
+                return outcome
+
+            return estimate_on_ranks(trainer, run, config, criteria)
+
+        return estimate

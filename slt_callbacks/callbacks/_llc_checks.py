@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from slt_callbacks.core.config import SGLDConfig
 from slt_callbacks.core.diagnostics import HealthCriteria
 
 from ._calibration import check_config
+from ._data import check_data_argument
 
 __all__ = ["check_default_n_beta", "check_llc_arguments"]
 
@@ -30,11 +31,7 @@ def check_llc_arguments(
     _check_mapping("components", components)
     _check_mapping("datasets", datasets)
     for name, value in (datasets or {}).items():
-        if isinstance(value, torch.Tensor) or not isinstance(value, Iterable):
-            raise ValueError(
-                f"Expected `datasets[{name!r}]` to be a DataLoader or a list of batches but "
-                f"got {type(value).__name__}."
-            )
+        check_data_argument(f"datasets[{name!r}]", value, optional=False)
     if criteria is not None and not isinstance(criteria, HealthCriteria):
         raise ValueError(
             f"Expected argument `criteria` to be a HealthCriteria or None but got "

@@ -30,11 +30,15 @@ class LossAverage:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             return
         loss = loss.detach().float().reshape(())
-        if self._average is None:
-            self._average = loss
-            return
-        previous = torch.as_tensor(self._average, dtype=loss.dtype, device=loss.device)
-        self._average = torch.lerp(previous, loss, 1.0 - LOSS_EMA_DECAY)
+        average = self._average
+        if not isinstance(average, torch.Tensor) or average.device != loss.device:
+            # The first loss (or one restored from a checkpoint, a float): our own copy, so
+            # the in-place update below never writes into the user's loss tensor.
+            self._average = loss.clone() if average is None else torch.tensor(
+                float(average), dtype=loss.dtype, device=loss.device)
+            if average is None:
+                return
+        self._average.lerp_(loss, 1.0 - LOSS_EMA_DECAY)  # one kernel per training step
 
     def value(self) -> float | None:
         """The average as a float, None if unknown or not finite."""

@@ -12,7 +12,8 @@ from slt_callbacks._checks import check_int, check_optional_int
 from slt_callbacks.core.curvature import TraceEstimate, fisher_trace, hessian_trace
 from slt_callbacks.core.functional import LossFn, NonFiniteLossError
 
-from ._base import ScheduleLike, _ScheduledMonitor, gather, split
+from ._base import ScheduleLike, _ScheduledMonitor
+from ._distributed import gather, split
 from ._guard import Failure, OnFailure, attempt, raise_if_any_failed
 
 if TYPE_CHECKING:

@@ -563,7 +563,7 @@ def _describe(model: nn.Module, names: list[str], k: int = 6) -> str:
     return ", ".join(shown) + (f", ... ({len(names)} in all)" if len(names) > k else "")
 
 
-def _no_attention_error(model: nn.Module) -> ValueError:
+def _no_attention_error(model: nn.Module, owner: str = "head_components") -> ValueError:
     suspects = _unrecognised(model, [])
     if suspects:
         what = f"attention-like modules it does not know: {_describe(model, suspects)}"
@@ -572,7 +572,7 @@ def _no_attention_error(model: nn.Module) -> ValueError:
         what = f"no attention-like module (module classes: {', '.join(classes[:12])})"
     known = "; ".join(layout.description for layout in LAYOUTS)
     return ValueError(
-        f"head_components: found {what}. Known layouts: {known}. For another architecture "
+        f"{owner}: found {what}. Known layouts: {known}. For another architecture "
         f"{_BY_HAND}."
     )
 
@@ -766,7 +766,7 @@ def layer_components(
     """
     found = find_attention(model)
     if not found:
-        raise _no_attention_error(model)
+        raise _no_attention_error(model, "layer_components")
     blocks: list[str] = []
     attention_of: dict[str, list[str]] = {}
     for f in found:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch import seed_everything
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -192,3 +194,57 @@ def test_executor_argument_is_checked() -> None:
         LLCMonitor(executor="threads")
     with pytest.raises(ValueError, match="`when_full`"):
         LLCMonitor(executor="process", when_full="drop")
+
+
+# -- review leftovers: one meaning of "inline", bad data, two monitors with one prefix ----------
+
+
+def test_inline_is_none_everywhere() -> None:
+    from slt_callbacks.executors import EstimateQueue, check_executor
+
+    assert check_executor("inline") is None and check_executor(None) is None
+    assert LLCMonitor(executor="inline")._background is None  # estimates in the loop
+    assert EstimateQueue("inline").executor_name == "inline"
+    assert EstimateQueue(None).executor_name == "inline"
+
+
+def test_inline_alias_gives_the_inline_numbers(inline_run: LLCMonitor, tmp_path: Path) -> None:
+    aliased = monitor(executor="inline")
+    fit(tmp_path, aliased)
+    assert [h["llc"] for h in aliased.history] == [h["llc"] for h in inline_run.history]
+
+
+@pytest.mark.parametrize("argument", ["data", "datasets"])
+def test_a_bare_tensor_as_data_is_refused_with_advice(argument: str) -> None:
+    tensor = torch.randn(8, 4)
+    value = tensor if argument == "data" else {"val": tensor}
+    name = "`data`" if argument == "data" else "`datasets['val']`"
+    with pytest.raises(ValueError, match=re.escape(name) + r" .*bare Tensor of shape \(8, 4\)"
+                       r".*\[batch\]"):
+        LLCMonitor(**{argument: value})
+
+
+def test_sweep_refuses_a_bare_tensor_as_data(tmp_path: Path) -> None:
+    from slt_callbacks import sweep_snapshots
+
+    with pytest.raises(ValueError, match=r"`data` .*bare Tensor of shape \(8, 4\)"):
+        sweep_snapshots(tmp_path, data=torch.randn(8, 4), model=nn.Linear(4, 1))
+
+
+def test_two_llc_monitors_with_one_prefix_are_refused(tmp_path: Path) -> None:
+    # Passed to Trainer(...): Lightning refuses equal state keys itself, at construction.
+    with pytest.raises(RuntimeError, match="state_key"):
+        make_trainer(tmp_path, [LLCMonitor(config=FAST), LLCMonitor(config=FAST)])
+    # Added afterwards (or by configure_callbacks): the monitor refuses in setup, before
+    # any training step, naming the prefix and the way out.
+    trainer = make_trainer(tmp_path, [LLCMonitor(config=FAST, schedule=[0])], max_steps=1)
+    trainer.callbacks.append(LLCMonitor(config=FAST, schedule=[0]))
+    with pytest.raises(MisconfigurationException, match=r"2 `LLCMonitor` callbacks with "
+                       r"prefix='slt/'.*own prefix"):
+        trainer.fit(TinyRegressor(), loader())
+    assert trainer.global_step == 0
+    # Different prefixes coexist.
+    both = [LLCMonitor(config=FAST, schedule=[0]), LLCMonitor(config=FAST, schedule=[0],
+                                                               prefix="slt/b/")]
+    fit(tmp_path / "both", both[0], both[1], max_steps=1)
+    assert [len(m.history) for m in both] == [1, 1]

@@ -7,7 +7,11 @@ weights are the same at every step in both runs and the numbers are comparable.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -99,3 +103,36 @@ def test_ddp_splits_chains_gathers_them_and_logs_once(tmp_path):
     ):  # fmt: skip
         assert abs(a - b) < 4 * math.hypot(sa, sb)
     assert rows_with(ddp, "slt/weight_norm") == rows_with(single, "slt/weight_norm")
+
+
+@pytest.mark.ddp
+def test_ddp_with_an_executor_computes_and_logs_each_estimate_once(tmp_path):
+    """strategy="ddp" (Lightning relaunches the script as rank 1, gloo on CPU) with a
+    background executor: rank zero submits each scheduled step once, with all chains and
+    its own seeds, and logs it once; rank one submits and keeps nothing."""
+    root = Path(__file__).resolve().parents[2]
+    script = Path(__file__).with_name("ddp_executor_run.py")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (zero["world_size"], one["world_size"]) == (2, 2)
+    assert zero["submitted"] == STEPS and one["submitted"] == []
+    assert zero["history"] == STEPS and one["history"] == []
+    rows = read_csv_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+    assert [step for step, _ in rows_with(rows, "slt/llc")] == STEPS  # logged once each
+
+    # The oracle: one process, all four chains, rank zero's seeds, the same weights.
+    model = TinyRegressor(lr=0.0)
+    model.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
+    batches = draw_training_batches(
+        loader(), num_batches=16, owner="test",
+        generator=torch.Generator().manual_seed(derive_seed(0, 0, 0, "data")),
+    )  # fmt: skip
+    for (step, logged), kept in zip(rows_with(rows, "slt/llc"), zero["llc"], strict=True):
+        expected = estimate_llc(model, TrainingStepLoss(), batches, config=CONFIG,
+                                seed=derive_seed(0, step, 0, "llc"), on_failure="ignore")
+        # One process, CPU, the same arithmetic: float rounding only.
+        assert logged == pytest.approx(expected.llc_mean, rel=1e-5, abs=1e-6)
+        assert kept == pytest.approx(logged, rel=1e-6)
