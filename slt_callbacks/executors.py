@@ -419,7 +419,7 @@ def _run_built(built: _Built, job: EstimateJob) -> Estimates:
         model, context.loss_fn, context.batches, step=job.step, config=config, seeds=job.seeds,
         datasets=context.datasets, components=context.components, criteria=context.criteria,
     )
-    if estimates.result.backend == "loop" and config.backend == "auto":
+    if estimates.result.fell_back_to_loop and config.backend == "auto":
         built.backend = "loop"  # vmap failed once (core warned); do not retry at every step
     return estimates
 

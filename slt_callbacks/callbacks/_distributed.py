@@ -161,8 +161,8 @@ class RankedEstimator:
                     on_failure="ignore",  # the monitor reports health, once a step
                     criteria=criteria, rank=trainer.global_rank,
                 )
-                if isinstance(outcome, LLCResult) and (outcome.backend, local.backend) == (
-                        "loop", "auto"):  # fmt: skip
+                if (isinstance(outcome, LLCResult) and local.backend == "auto"
+                        and outcome.fell_back_to_loop):  # fmt: skip
                     self.backend = "loop"
                 return outcome
 

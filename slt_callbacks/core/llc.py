@@ -109,6 +109,12 @@ class LLCResult:
         return self.summary.llc
 
     @property
+    def fell_back_to_loop(self) -> bool:
+        """``backend="auto"`` ran some chains on the loop backend: vmap could not trace the
+        model (the core warned once). Callers pin ``backend="loop"`` for later estimates."""
+        return "loop" in self.backend.split("+")
+
+    @property
     def healthy(self) -> bool:
         return self.status is Status.HEALTHY
 

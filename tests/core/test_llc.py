@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -140,6 +141,9 @@ def test_auto_falls_back_to_loop_for_batchnorm_in_train_mode():
     loop = estimate_llc(model, ce, data, config=SGLDConfig(**{**cfg.to_dict(),
                         "backend": "loop"}), seed=1, on_failure="ignore")
     assert auto.backend == "loop" and auto.backend_reason
+    assert auto.fell_back_to_loop
+    assert not replace(auto, backend="fast+vmap").fell_back_to_loop
+    assert replace(auto, backend="fast+loop").fell_back_to_loop  # callers pin loop then too
     torch.testing.assert_close(auto.loss_trace, loop.loss_trace)
     assert model.bn.running_mean.abs().max() == 0  # the user's buffers were never written
 
