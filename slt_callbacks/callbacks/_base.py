@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -326,6 +326,20 @@ class _ScheduledMonitor(Callback):
         return resolve_data(trainer, pl_module, data, argument=argument, num_batches=num_batches,
                             default_num_batches=self.default_num_batches, seed=self.seed,
                             owner=self._name)  # fmt: skip
+
+    def _resolve_datasets(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, datasets: Mapping[str, Any]
+    ) -> dict[str, list[Any]]:
+        """``datasets={name: data}`` read like ``data``, each checked on its first batch."""
+        assert self._loss_fn is not None
+        resolved = {}
+        for name, data in datasets.items():
+            where = f"datasets[{name!r}]"
+            batches = self._resolve_data(trainer, pl_module, data, argument=where,
+                                         num_batches=self._num_batches())  # fmt: skip
+            check_loss(pl_module, self._loss_fn, batches[0], argument=where, owner=self._name)
+            resolved[name] = batches
+        return resolved
 
     def _check_unique_prefix(self, trainer: pl.Trainer) -> None:
         """Two monitors of one class with one prefix would log into the same keys (Lightning

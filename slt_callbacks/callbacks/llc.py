@@ -19,7 +19,7 @@ from slt_callbacks.seeds import derive_seed
 
 from ._background import BackgroundMixin
 from ._base import ScheduleLike, _ScheduledMonitor
-from ._data import check_batch_norm, check_loss
+from ._data import check_batch_norm
 from ._distributed import RankedEstimator
 from ._guard import Failure, OnFailure
 from ._llc_checks import check_default_n_beta, check_llc_arguments
@@ -39,18 +39,12 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
 
     .. math:: \hat\lambda(w^*) = n\beta\,\bigl(\mathbb{E}_w[L_m(w)] - L_n(w^*)\bigr)
 
-    over SGLD chains localized at the current weights w* (Lau et al. 2023, "The Local Learning
-    Coefficient"); weight- and data-restricted λ̂ after Wang et al. 2024 ("Differentiation and
-    specialization of attention heads via the refined LLC"). Training is untouched (model,
-    gradients, global RNG, training ``DataLoader``, logged metrics). Zero configuration: the
-    loss is ``training_step`` with ``self.log`` silenced, the data 16 batches drawn once from
-    the training set and reused, so λ̂ is comparable across training. Logged at the step:
-    ``<prefix>llc``, ``llc_std``, ``llc/<component>``, ``llc_data/<dataset>``, ``diag/*``,
-    ``llc_seconds`` (the README's "What is logged"); the SGLD config and nβ go to the run
-    config. An unhealthy estimate keeps its status and warns; diverged chains raise a W&B
-    alert. Each estimate's :class:`~slt_callbacks.records.LLCRecord` goes to every callback's
-    ``on_llc_record`` in step order; :attr:`history` holds their ``to_dict()``. Under DDP the
-    chains are split across ranks and merged; rank zero logs.
+    over SGLD chains localized at the current weights w* (Lau et al. 2023); weight- and
+    data-restricted λ̂ after Wang et al. 2024. Training is untouched. By default the loss is
+    ``training_step`` (``self.log`` silenced) on 16 training batches drawn once. What is
+    logged: the README's "What is logged"; each :class:`~slt_callbacks.records.LLCRecord`
+    goes to every ``on_llc_record`` in step order and its ``to_dict()`` to :attr:`history`.
+    Under DDP the chains are split across ranks and merged; rank zero logs.
 
     Args:
         config: an :class:`~slt_callbacks.SGLDConfig` (default ``SGLDConfig()``), or ``"auto"``:
@@ -169,12 +163,7 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         check_batch_norm(pl_module, train_mode=self._run_config.base.train_mode, owner=self._name)
         super()._prepare(trainer, pl_module)
         assert self._loss_fn is not None
-        for name, data in self.datasets.items():
-            where = f"datasets[{name!r}]"
-            batches = self._resolve_data(trainer, pl_module, data, argument=where,
-                                         num_batches=self._num_batches())  # fmt: skip
-            check_loss(pl_module, self._loss_fn, batches[0], argument=where, owner=self._name)
-            self._dataset_batches[name] = batches
+        self._dataset_batches = self._resolve_datasets(trainer, pl_module, self.datasets)
         check_default_n_beta(self._run_config.base, self._batches, owner=self._name)
         context = dict(loss_fn=self._loss_fn, batches=self._batches, criteria=self.criteria,
                        datasets=self._dataset_batches, components=self.components)
