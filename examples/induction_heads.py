@@ -39,6 +39,7 @@ matplotlib is needed for the figure (``pip install slt_callbacks[plot]``).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -500,6 +501,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{np.mean([r for *_, r in model.losses[-100:]]):.2f}."
     )
     records = stages.records
+    # Every record the detector saw (λ̂, its chain std, the loss it was named by), so the
+    # stages can be recomputed offline with other thresholds.
+    (args.out / "records.json").write_text(json.dumps([r.to_dict() for r in records]))
     print(f"Healthy λ̂ estimates (whole model): {sum(r.healthy for r in records)} of {len(records)}")
     print(f"Stage events ({len(stages.events)}):")
     for event in stages.events:
