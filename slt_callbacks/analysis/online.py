@@ -28,8 +28,8 @@ coefficient's t is the generalized likelihood ratio test of one added parameter.
 - A **kink** is tested only at its best change point (the maximum of the likelihood over
   ``k``), only once that point is *localized* (change points 5 or more checkpoints away fit
   worse by a likelihood ratio of e or more), and counts when its t exceeds
-  ``kink_sensitivity``. Testing only the localized maximum is what lets its threshold sit
-  below the jumps' without false alarms.
+  ``kink_sensitivity``. A kink announced anywhere along a gentle bend would be a false alarm
+  and a miss at once.
 
 The best surviving candidate (least squares) is the change point; the event reports its
 delay in checkpoints.
@@ -96,6 +96,12 @@ _LOCALIZED_BY = 2.0
 # The new trend of a kink is rising or falling when its slope is this many standard errors
 # from 0 (a naming decision, not a detection: the change itself passed `kink_sensitivity`).
 _KIND_T = 1.5
+# Standard errors are pooled over this many checkpoints (a trailing median; see _arrays).
+_POOLED = 9
+# ... where a point's own standard error is within this factor of the pooled one (a 4-chain
+# std is, 98% of the time). Beyond it the noise itself changes (a saddle's chains agree to
+# 0.1%, near λ̂ = 0 they do not) and the point keeps its own.
+_ALIKE = 3.0
 
 
 class Regime(str, Enum):
@@ -139,11 +145,12 @@ class DetectorConfig:
             ~``4 × window`` candidate jumps, so the threshold sits above the textbook 3 (see
             the false-alarm rates in ``benchmarks/detector.py``). Raised automatically
             (Student t) when the noise is estimated from the curve.
-        kink_sensitivity: the same for a change of slope. Only the best-fitting change point
-            is tested, and only once it is localized, so it can sit lower than
-            ``sensitivity``: a kink builds up slowly (after ``j`` checkpoints its deviation
-            from the old line is ``Δ·j``), and every standard error of threshold costs
-            checkpoints of delay.
+        kink_sensitivity: the same for a change of slope, tested only at the best-fitting
+            change point and only once it is localized. A separate knob because the trade-off
+            differs: a kink builds up slowly (after ``j`` checkpoints its deviation from the
+            old line is ``Δ·j``), so every standard error of threshold costs several
+            checkpoints of delay, where for a jump it costs none or one. On the benchmark
+            4.0 answers a checkpoint sooner on trends, at a lower precision.
         flat_threshold: a trend counts as flat when its slope is within this many standard
             errors of zero, and every point after a change must deviate from the old line by
             at least this many standard errors in the change's direction. At most
@@ -175,7 +182,7 @@ class DetectorConfig:
 
     scale: float = 1.0
     sensitivity: float = 4.5
-    kink_sensitivity: float = 4.0
+    kink_sensitivity: float = 4.5
     flat_threshold: float = 1.0
     persistence: int = 3
     cooldown: int = 4
@@ -826,8 +833,8 @@ class StageDetector:
         12 -> 1.2 are alike. Kinks are tested on λ̂ itself: a trend that is linear in λ̂ (as
         at minima) is curved on the log scale, and curvature would read as a string of
         kinks. One noise model serves both: the larger of the standard error and the
-        residual scatter on the signed-log scale (relative noise), mapped back to λ̂ by the
-        delta method.
+        residual scatter on the signed-log scale (relative noise), the standard error pooled
+        over the last few checkpoints, mapped back to λ̂ by the delta method.
         """
         s = self.config.scale
         x = log_step(np.asarray(self._steps, dtype=float))
@@ -840,6 +847,14 @@ class StageDetector:
         noise, dof = residual_noise(x[recent], z[recent])
         floor = max(noise if math.isfinite(noise) else 0.0, self.config.min_noise) ** 2
         known = np.isfinite(se)
+        # A chain std from 4 chains has 3 degrees of freedom (it is off by 2x either way
+        # one time in ten); weights built from it single out points at random. On the
+        # signed-log scale the noise is relative, so neighbours share it: where they agree,
+        # the median of the last _POOLED standard errors is a far steadier estimate.
+        pooled = _trailing_median(se, _POOLED)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            alike = np.abs(np.log(se / pooled)) <= math.log(_ALIKE)
+        se = np.where(alike, pooled, se)
         var = np.maximum(np.where(known, se * se, 0.0), floor)
         curves = {"jump": (z, var), "kink": (raw, var * (s + np.abs(raw)) ** 2)}
         return x, curves, math.inf if known.all() else dof
@@ -1026,6 +1041,17 @@ class StageDetector:
         self.num_checkpoints = int(state["num_checkpoints"])
         self.num_ignored = int(state["num_ignored"])
         self.num_out_of_order = int(state["num_out_of_order"])
+
+
+def _trailing_median(values: np.ndarray, width: int) -> np.ndarray:
+    """The median of each value and the ``width − 1`` before it (fewer at the start),
+    ignoring nan; nan where all of them are."""
+    out = np.empty_like(values)
+    for i in range(values.size):
+        part = values[max(0, i - width + 1) : i + 1]
+        part = part[np.isfinite(part)]
+        out[i] = float(np.median(part)) if part.size else math.nan
+    return out
 
 
 def _direction(slope: float, stderr: float, floor: float) -> Regime:
