@@ -298,9 +298,9 @@ _JUMP_WINDOWS = (8, 4)
 _MAX_SIDE_MISFIT = 4.0
 
 
-def _line(x: np.ndarray, y: np.ndarray, var: np.ndarray, at: float):
-    """Weighted line through ``(x, y)``: its value at ``at``, that value's variance, and the
-    mean square of the standardized residuals (per residual degree of freedom)."""
+def _line(x: np.ndarray, y: np.ndarray, var: np.ndarray, at: np.ndarray):
+    """Weighted line through ``(x, y)``: its values at ``at``, their variances, and the mean
+    square of the standardized residuals (per residual degree of freedom)."""
     w = 1.0 / var
     sw = w.sum()
     mx = float(w @ x) / sw
@@ -313,30 +313,35 @@ def _line(x: np.ndarray, y: np.ndarray, var: np.ndarray, at: float):
     return value, 1.0 / sw + (at - mx) ** 2 / sxx, float(residual @ residual) / max(x.size - 2, 1)
 
 
-def _jump_at(x, scales, lo, hi, k, width, size_of):
+def _jump_at(x, scales, lo, hi, k, width):
     """The two-sided test of a jump whose transition covers points ``k .. k + width − 1``
-    (none for a sudden jump) inside ``[lo, hi)``: for each window, a line on each side,
-    both evaluated at the junction. Returns ``(t on every scale, size, before, after)`` of
-    the best window that both sides fit, or None."""
+    (none for a sudden jump) inside ``[lo, hi)``: for each window, a line on each side, both
+    evaluated at the two ends of the gap between them. If the lines cross inside the gap, a
+    continuous bend explains the points and the t is 0; else it is the smaller difference in
+    standard errors. Returns ``(t on every scale, size, before, after)`` for the best window
+    whose lines fit both sides, or None."""
     best = None
+    ends = np.array([x[k - 1], x[k + width]])
     for window in _JUMP_WINDOWS:
         left = slice(max(lo, k - window), k)
         right = slice(k + width, min(hi, k + width + window))
         if left.stop - left.start < 3 or right.stop - right.start < 3:
             continue
-        at = 0.5 * (x[k - 1] + x[k + width])
         ts, fits = [], []
         for y, var in scales:
-            a, va, ma = _line(x[left], y[left], var[left], at)
-            b, vb, mb = _line(x[right], y[right], var[right], at)
+            a, va, ma = _line(x[left], y[left], var[left], ends)
+            b, vb, mb = _line(x[right], y[right], var[right], ends)
             if max(ma, mb) > _MAX_SIDE_MISFIT:
                 break
-            ts.append((b - a) / math.sqrt(va + vb))
-            fits.append((a, b))
+            d = b - a
+            t = d / np.sqrt(va + vb)
+            nearest = int(np.argmin(np.abs(t)))
+            ts.append(0.0 if d[0] * d[1] <= 0 else float(t[nearest]))
+            fits.append((float(a[nearest]), float(b[nearest])))
         else:
-            (a, b), t = fits[0], ts
-            if best is None or abs(t[0]) > abs(best[0][0]):
-                best = (t, size_of(a, b), a, b)
+            if best is None or abs(ts[0]) > abs(best[0][0]):
+                (a, b) = fits[0]
+                best = (ts, b - a, a, b)
     return best
 
 
@@ -383,7 +388,7 @@ def find_jumps(
             for width in range(4):
                 if k + width + 3 > hi:
                     break
-                test = _jump_at(x, scales, lo, hi, k, width, lambda a, b: b - a)
+                test = _jump_at(x, scales, lo, hi, k, width)
                 if test is None:
                     continue
                 ts, size, before, after = test
