@@ -98,6 +98,8 @@ _LOCALIZED_BY = 2.0
 _KIND_T = 1.5
 # Standard errors are pooled over this many checkpoints (a trailing median; see _arrays).
 _POOLED = 9
+# A jump this many times its threshold is not compared with kinks (see StageDetector._real).
+_CLEAR_JUMP = 2.0
 # ... where a point's own standard error is within this factor of the pooled one (a 4-chain
 # std is, 98% of the time). Beyond it the noise itself changes (a saddle's chains agree to
 # 0.1%, near λ̂ = 0 they do not) and the point keeps its own.
@@ -915,8 +917,12 @@ class StageDetector:
         if not real or change.shape == "kink":
             return real
         kink_rss = min((c.rss for c in changes if c.shape == "kink"), default=math.inf)
-        return (change.other_t >= trend_threshold(cfg.sensitivity, dof)
-                and change.other_rss <= kink_rss)
+        # A jump far beyond the threshold is no ramp on a bend, however a real transition's
+        # ramp fits λ̂ itself (from −40 to +16 in two checkpoints at the last saddle).
+        clear = change.t >= _CLEAR_JUMP * trend_threshold(cfg.sensitivity, dof)
+        return change.other_t >= trend_threshold(cfg.sensitivity, dof) and (
+            clear or change.other_rss <= kink_rss
+        )
 
     def _needed(self, shape: str) -> int:
         """Checkpoints from the change point on (itself included) before a change of this
