@@ -39,6 +39,7 @@ matplotlib is needed for the figure (``pip install slt_callbacks[plot]``).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -459,10 +460,12 @@ def main(argv: list[str] | None = None) -> None:
         loss_fn=next_token_loss,
     )
     norms = WeightNormMonitor(schedule=schedule, components=heads)
-    # The detector's defaults: a trend is fitted on the last 15 estimates (about one decade
-    # here), must exceed 3 standard errors and persist for 3 estimates. For stages shorter
-    # than a decade, a shorter `window` answers sooner; `min_relative_slope` sets how slow a
-    # drift of λ̂ still counts as flat (default: 10% of its level per decade).
+    # The detector searches change points among the last `window` estimates (15 here, about
+    # one decade at this schedule; the default 30 suits ~20 estimates per decade); a jump
+    # must exceed `sensitivity`, a change of trend `kink_sensitivity` standard errors (4.5
+    # each), and persist for 3 estimates. `min_relative_slope` sets how slow a drift of λ̂
+    # still counts as flat (default: 10% of its level per decade). λ̂ here turns up before the
+    # total loss falls: that event is an "acquire" whose loss "has not fallen yet".
     detector = DetectorConfig(window=args.window)
     stages = StageTransitionMonitor(config=detector, components=True)
 
@@ -500,6 +503,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{np.mean([r for *_, r in model.losses[-100:]]):.2f}."
     )
     records = stages.records
+    # Every record the detector saw (λ̂, its chain std, the loss it was named by), so the
+    # stages can be recomputed offline with other thresholds.
+    (args.out / "records.json").write_text(json.dumps([r.to_dict() for r in records]))
     print(f"Healthy λ̂ estimates (whole model): {sum(r.healthy for r in records)} of {len(records)}")
     print(f"Stage events ({len(stages.events)}):")
     for event in stages.events:

@@ -18,19 +18,33 @@ the current stage is a line. At each checkpoint the detector asks, for every can
 point ``k`` among the last ``window`` checkpoints, whether the points from ``k`` on leave
 that line, either by a **jump** (a step of the level, the slope unchanged) or by a **kink**
 (a change of slope, the level continuous). Both are one-parameter extensions of the line,
-fitted by weighted least squares over the stage so far; the change counts when its
-coefficient exceeds ``sensitivity`` standard errors (the generalized likelihood ratio test of
-one added parameter), is of a practical size, and every one of the ``persistence`` or more
-points after ``k`` deviates from the old line in its direction. The best candidate (largest
-t) is the change point; the event reports its delay in checkpoints.
+fitted by weighted least squares (jumps on the signed-log scale, kinks on λ̂ itself); the
+coefficient's t is the generalized likelihood ratio test of one added parameter.
+
+- A **jump** counts when its t exceeds ``sensitivity``, it is of a practical size
+  (``min_jump``), every one of the ``persistence`` points after ``k`` deviates from the old
+  line in its direction, it is a jump on λ̂ itself as well (a trend straight in λ̂ bends on
+  the log scale, and a bend is no jump), and it explains λ̂ better than the best kink.
+- A **kink** is tested only at its best change point (the maximum of the likelihood over
+  ``k``), only once that point is *localized* (change points 5 or more checkpoints away fit
+  worse by a likelihood ratio of e or more), and counts when its t exceeds
+  ``kink_sensitivity``. A kink announced anywhere along a gentle bend would be a false alarm
+  and a miss at once.
+
+The best surviving candidate (least squares) is the change point; the event reports its
+delay in checkpoints.
 
 A jump of a few noise stds is confirmed ``persistence − 1`` checkpoints after it happened (2
-by default); a kink needs the new trend to build up over several checkpoints, so its delay is
-longer (about 5-12 checkpoints at 10% noise; no test can do much better: after ``j``
-checkpoints the deviation a kink of slope change ``Δ`` has built is only ``Δ·j``).
+by default). A kink needs the new trend to build up, so its delay is longer, and no test can
+do much better: after ``j`` checkpoints a slope change of ``Δ`` per checkpoint has moved the
+curve by ``Δ·j``, so with the old line known exactly the best single test reaches
+``Δ·sqrt(Σ i²)/σ`` standard errors (``i = 1..j``). On the benchmark's trend scenarios at 10%
+noise that bound is 0.5-2.5 standard errors after 3 checkpoints, and the measured median
+delay is ~10 checkpoints (``benchmarks/results/detector.md``).
 
 Each event has a kind (:class:`StageKind`): *acquire* when λ̂ goes up (jumps or starts rising)
-while the loss falls, *simplify* when λ̂ goes down while the loss stays flat, otherwise *turn*.
+while the loss falls or has not yet moved, *simplify* when λ̂ goes down while the loss does not
+rise, otherwise *turn* (λ̂ levels off, or the loss rose).
 
 Everything here is plain numpy; the detector's state is plain Python values so that it
 survives ``torch.save`` and ``torch.load(weights_only=True)``.
@@ -70,6 +84,26 @@ _STATE_VERSION = 2
 _VARIANCE_FLOOR = 1e-12
 # The most a change's model may leave unexplained after the change point (RMS, in noise stds).
 _MAX_MISFIT = 5.0
+# A kink is searched only this many checkpoints into a stage: the old trend must be known
+# before a change of it means anything.
+_KINK_MIN_STAGE = 10
+# A kink is announced only once it is localized: every change point at least
+# _LOCALIZED_WITHIN checkpoints from the best one explains the points worse by at least
+# _LOCALIZED_BY (residual sum of squares, in noise variances; 2 is a likelihood ratio of e).
+# Before that, a weak kink would be announced anywhere along a gentle bend.
+_LOCALIZED_WITHIN = 5
+_LOCALIZED_BY = 2.0
+# The new trend of a kink is rising or falling when its slope is this many standard errors
+# from 0 (a naming decision, not a detection: the change itself passed `kink_sensitivity`).
+_KIND_T = 1.5
+# Standard errors are pooled over this many checkpoints (a trailing median; see _arrays).
+_POOLED = 9
+# A jump this many times its threshold is not compared with kinks (see StageDetector._real).
+_CLEAR_JUMP = 2.0
+# ... where a point's own standard error is within this factor of the pooled one (a 4-chain
+# std is, 98% of the time). Beyond it the noise itself changes (a saddle's chains agree to
+# 0.1%, near λ̂ = 0 they do not) and the point keeps its own.
+_ALIKE = 3.0
 
 
 class Regime(str, Enum):
@@ -88,11 +122,13 @@ class StageKind(str, Enum):
     """What a stage boundary means (Hoogland et al. 2024)."""
 
     ACQUIRE = "acquire"
-    """λ̂ goes up (jumps or starts rising) while the loss falls: the model acquires structure."""
+    """λ̂ goes up (jumps or starts rising) while the loss falls, or has not risen: the model
+    acquires structure (see :func:`classify_kind`)."""
     SIMPLIFY = "simplify"
-    """λ̂ goes down while the loss stays flat: the model simplifies."""
+    """λ̂ goes down while the loss stays flat (or falls): the model simplifies."""
     TURN = "turn"
-    """Any other change, e.g. rising -> flat."""
+    """Any other change: λ̂ levels off (rising -> flat), or moves while the loss rises, or no
+    loss is known."""
 
     def __str__(self) -> str:
         return self.value
@@ -107,10 +143,16 @@ class DetectorConfig:
             Below ``s`` the scale is linear, above it logarithmic; 1 suits λ̂ of a few units
             and more (every model worth monitoring). For models whose λ̂ stays well below 1,
             pass a scale of about their λ̂.
-        sensitivity: how many standard errors the jump or the change of slope must exceed.
-            Every checkpoint tests ~``2 × window`` candidates, so the threshold sits above the
-            textbook 3 (see the false-alarm rates in ``benchmarks/detector.py``). Raised
-            automatically (Student t) when the noise is estimated from the curve.
+        sensitivity: how many standard errors a jump must exceed. Every checkpoint tests
+            ~``4 × window`` candidate jumps, so the threshold sits above the textbook 3 (see
+            the false-alarm rates in ``benchmarks/detector.py``). Raised automatically
+            (Student t) when the noise is estimated from the curve.
+        kink_sensitivity: the same for a change of slope, tested only at the best-fitting
+            change point and only once it is localized. A separate knob because the trade-off
+            differs: a kink builds up slowly (after ``j`` checkpoints its deviation from the
+            old line is ``Δ·j``), so every standard error of threshold costs several
+            checkpoints of delay, where for a jump it costs none or one. On the benchmark
+            4.0 answers a checkpoint sooner on trends, at a lower precision.
         flat_threshold: a trend counts as flat when its slope is within this many standard
             errors of zero, and every point after a change must deviate from the old line by
             at least this many standard errors in the change's direction. At most
@@ -121,8 +163,9 @@ class DetectorConfig:
         cooldown: checkpoints a stage must last before the next change point: its line is
             fitted on them. Also the shortest stage that can be resolved (stages 8-10
             checkpoints apart are resolved with the default).
-        window: the most checkpoints of the current stage used to fit its line, and how far
-            back change points are searched.
+        window: how far back change points are searched, and how many checkpoints before
+            the first candidate the old stage's line is fitted on. 30 (1.5 decades at 20
+            checkpoints per decade): a gentle kink needs that much of its old trend.
         min_jump: the smallest jump that counts, in signed-log units (0.1: about 10% of
             |λ̂| when |λ̂| ≫ ``scale``). Very precise estimates would otherwise turn every
             wiggle of a real curve into a "jump".
@@ -141,10 +184,11 @@ class DetectorConfig:
 
     scale: float = 1.0
     sensitivity: float = 4.5
+    kink_sensitivity: float = 4.5
     flat_threshold: float = 1.0
     persistence: int = 3
     cooldown: int = 4
-    window: int = 20
+    window: int = 30
     min_jump: float = 0.1
     min_relative_slope: float = 0.1
     flat_loss_tolerance: float = 0.1
@@ -154,6 +198,9 @@ class DetectorConfig:
         checked: dict[str, float | int] = {
             "scale": check_number("scale", self.scale, strict=True),
             "sensitivity": check_number("sensitivity", self.sensitivity, strict=True),
+            "kink_sensitivity": check_number(
+                "kink_sensitivity", self.kink_sensitivity, strict=True
+            ),
             "flat_threshold": check_number("flat_threshold", self.flat_threshold, strict=True),
             "persistence": check_int("persistence", self.persistence, minimum=1),
             # A line needs 3 points to leave a residual degree of freedom.
@@ -164,11 +211,12 @@ class DetectorConfig:
             "flat_loss_tolerance": check_number("flat_loss_tolerance", self.flat_loss_tolerance),
             "min_noise": check_number("min_noise", self.min_noise),
         }
-        if checked["flat_threshold"] > checked["sensitivity"]:
-            raise ValueError(
-                f"Expected `flat_threshold` to be at most `sensitivity` ({self.sensitivity}) "
-                f"but got {self.flat_threshold!r}."
-            )
+        for name in ("sensitivity", "kink_sensitivity"):
+            if checked["flat_threshold"] > checked[name]:
+                raise ValueError(
+                    f"Expected `flat_threshold` to be at most `{name}` ({checked[name]}) "
+                    f"but got {self.flat_threshold!r}."
+                )
         if checked["cooldown"] > checked["window"]:
             raise ValueError(
                 f"Expected `cooldown` to be at most `window` ({self.window}) but got "
@@ -281,7 +329,8 @@ def judge_change(
             f"stds RMS, above {_MAX_MISFIT:g})"
         )
     t = abs(coefficient) / stderr if stderr > 0 else math.inf
-    threshold = trend_threshold(config.sensitivity, dof)
+    sensitivity = config.sensitivity if shape == "jump" else config.kink_sensitivity
+    threshold = trend_threshold(sensitivity, dof)
     if t < threshold:
         return False, f"the {shape} is {t:.1f} standard errors (threshold {threshold:.3g})"
     agreeing = np.sign(coefficient) * np.asarray(deviations) >= config.flat_threshold
@@ -340,13 +389,26 @@ def _classify_loss(
 def classify_kind(new_regime: Regime, loss_trend: Regime) -> tuple[StageKind, str]:
     """Name a change of λ̂ by what the loss did meanwhile (Hoogland et al. 2024).
 
+    λ̂ going up is "acquire" unless the loss rose: a loss that has not fallen *yet* does not
+    make it something else. By the free energy ``n·L + λ·log n`` a more complex solution is
+    only preferred when it pays for itself in loss, and in training λ̂ often starts rising
+    before the loss falls (in ``examples/induction_heads.py`` λ̂ turns up at step ~250 and
+    the total training loss moves at ~450); judged over the few checkpoints an online test
+    has seen, that loss is flat. Likewise λ̂ going down is "simplify" unless the loss rose
+    (the model forgetting is no simplification).
+
     Returns:
-        ``(kind, reason)``: "acquire" when λ̂ goes up while the loss falls, "simplify" when λ̂
-        goes down while the loss is flat, otherwise "turn" (also when no loss is known).
+        ``(kind, reason)``: "acquire" when λ̂ goes up while the loss falls or stays flat,
+        "simplify" when λ̂ goes down while the loss stays flat or falls, otherwise "turn"
+        (λ̂ levels off, the loss rose, or no loss is known).
     """
-    if new_regime is Regime.RISING and loss_trend is Regime.FALLING:
+    calm = loss_trend in (Regime.FALLING, Regime.FLAT)
+    if new_regime is Regime.RISING and calm:
+        if loss_trend is Regime.FLAT:
+            reason = "the model is acquiring structure (the loss has not fallen yet)"
+            return StageKind.ACQUIRE, reason
         return StageKind.ACQUIRE, "the model is acquiring structure"
-    if new_regime is Regime.FALLING and loss_trend is Regime.FLAT:
+    if new_regime is Regime.FALLING and calm:
         return StageKind.SIMPLIFY, "the model is simplifying"
     return StageKind.TURN, "a change of trend"
 
@@ -370,6 +432,9 @@ class _Change:
     deviations: np.ndarray
     misfit: float  # RMS of the changed model's standardized residuals from the change on
     rss: float  # standardized residual sum of squares over the common range
+    other_t: float = math.inf
+    other_rss: float = math.inf
+    new_slope_stderr: float = math.nan
 
 
 # A jump may take up to this many checkpoints: real transitions are ramps of 2-4 estimates
@@ -377,6 +442,65 @@ class _Change:
 _RAMP_WIDTHS = (0, 1, 2, 3)
 # A stage with at least this many checkpoints before a candidate jump may curve.
 _CURVED_STAGE = 8
+
+
+def _contenders(changes: list[_Change]) -> list[_Change]:
+    """Every jump, and the best kink (least squares: the likelihood's maximum over the change
+    point) if it is localized (see ``_LOCALIZED_BY``); a kink elsewhere is not considered,
+    even when it would pass on its own."""
+    jumps = [c for c in changes if c.shape == "jump"]
+    kinks = [c for c in changes if c.shape == "kink"]
+    if not kinks:
+        return jumps
+    best = min(kinks, key=lambda c: c.rss)
+    far = [c.rss for c in kinks if abs(c.begin - best.begin) >= _LOCALIZED_WITHIN]
+    if far and min(far) < best.rss + _LOCALIZED_BY:
+        return jumps
+    return [*jumps, best]
+
+
+def _wls(design: np.ndarray, weight: np.ndarray, y: np.ndarray):
+    """Weighted least squares of ``y`` on a stack of designs ``(candidate, point,
+    parameter)``: coefficients ``(candidate, parameter)`` and their covariances; candidates
+    whose Gram matrix is singular come back as nan."""
+    gram = np.einsum("cnp,n,cnq->cpq", design, weight, design)
+    det = np.linalg.det(gram)
+    ok = np.isfinite(det) & (np.abs(det) > 1e-300)
+    cov = np.full_like(gram, np.nan)
+    if ok.any():
+        cov[ok] = np.linalg.inv(gram[ok])
+    beta = np.einsum("cpq,cnq,n->cp", cov, design, weight * y)
+    return beta, cov
+
+
+def _candidates(x, lo, first, n, persistence, shape):
+    """Designs ``(candidate, point, parameter)`` of every candidate change of one shape over
+    ``[lo, n)``, and per candidate ``(k, end)``."""
+    index = np.arange(lo, n)
+    xs_all = x[lo:]
+    groups: dict[int, tuple[list, list]] = {}
+    for k in range(first, n):
+        for width in _RAMP_WIDTHS if shape == "jump" else (0,):
+            end = k + width
+            if shape == "jump" and end > n - 1:
+                continue
+            if shape == "kink" and n - k - 1 < persistence:
+                continue
+            xs = xs_all - x[k]
+            if shape == "jump":
+                column = np.clip((index - k + 1) / (width + 1), 0.0, 1.0)
+            else:
+                column = np.maximum(xs, 0.0)
+            # A jump is tested against a stage that may curve (a quadratic in log-step):
+            # a trend that is straight in λ̂ bends on the log scale, and a jump must be
+            # sudden, not the bend. A curvature needs a stage of some length to be told
+            # from the jump itself.
+            curved = shape == "jump" and k - lo >= _CURVED_STAGE
+            columns = [np.ones_like(xs), xs] + ([xs * xs] if curved else [])
+            designs, where = groups.setdefault(len(columns) + 1, ([], []))
+            designs.append(np.stack([*columns, column], axis=1))
+            where.append((k, end))
+    return [(np.stack(d), w) for d, w in groups.values()]
 
 
 def _fits(
@@ -390,63 +514,59 @@ def _fits(
     or a linear ramp over up to 3 checkpoints) or a kink (a hinge), fitted by weighted
     least squares over one common range ``[first − window, n)``, so that the residual sums
     of squares of all candidates compare. ``curves[shape]`` is ``(values, noise
-    variances)`` on the scale that shape is tested on."""
+    variances)`` on the scale that shape is tested on. A jump is also fitted on the kink's
+    scale (λ̂ itself): ``other_t`` is its t there."""
     n = x.size
     lo = max(0, first - window)
-    index = np.arange(lo, n)
-    xs_all = x[lo:]
     out: list[_Change] = []
     for shape, (y, var) in curves.items():
         weight = 1.0 / np.maximum(var[lo:], _VARIANCE_FLOOR)
         sigma = np.sqrt(1.0 / weight)
         ys = y[lo:]
-        widths = _RAMP_WIDTHS if shape == "jump" else (0,)
-        for k in range(first, n):
-            for width in widths:
-                end = k + width
-                if shape == "jump" and end > n - 1:
+        for design, where in _candidates(x, lo, first, n, persistence, shape):
+            beta, cov = _wls(design, weight, ys)
+            other = np.full(len(where), math.inf)
+            if shape == "jump" and "kink" in curves:
+                y2, var2 = curves["kink"]
+                b2, c2 = _wls(design, 1.0 / np.maximum(var2[lo:], _VARIANCE_FLOOR), y2[lo:])
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    other = np.abs(b2[:, -1]) / np.sqrt(np.maximum(c2[:, -1, -1], 1e-300))
+                other = np.where(np.isfinite(other), other, math.inf)
+                w2 = 1.0 / np.maximum(var2[lo:], _VARIANCE_FLOOR)
+                r2 = (y2[lo:] - np.einsum("cnp,cp->cn", design, b2)) * np.sqrt(w2)
+                other_rss = np.where(np.isfinite(b2).all(axis=1), (r2 * r2).sum(axis=1), math.inf)
+            else:
+                other_rss = np.full(len(where), math.inf)
+            old = np.einsum("cnp,cp->cn", design[:, :, :-1], beta[:, :-1])
+            fitted = old + design[:, :, -1] * beta[:, -1:]
+            residual = (ys - fitted) / sigma  # (candidate, point)
+            deviation = (ys - old) / sigma
+            for c, (k, end) in enumerate(where):
+                if not np.isfinite(beta[c]).all():
                     continue
-                if shape == "kink" and n - k - 1 < persistence:
-                    continue
-                xs = xs_all - x[k]
-                if shape == "jump":
-                    column = np.clip((index - k + 1) / (width + 1), 0.0, 1.0)
-                else:
-                    column = np.maximum(xs, 0.0)
-                # A jump is tested against a stage that may curve (a quadratic in log-step):
-                # a trend that is straight in λ̂ bends on the log scale, and a jump must be
-                # sudden, not the bend.
-                # A curvature needs a stage of some length to be told from the jump itself.
-                curved = shape == "jump" and k - lo >= _CURVED_STAGE
-                columns = [np.ones_like(xs), xs] + ([xs * xs] if curved else [])
-                design = np.stack([*columns, column], axis=1)  # (point, parameter)
-                gram = design.T @ (design * weight[:, None])
-                try:
-                    cov = np.linalg.inv(gram)
-                except np.linalg.LinAlgError:
-                    continue
-                beta = cov @ (design.T @ (weight * ys))
-                stderr = math.sqrt(max(float(cov[-1, -1]), 0.0))
-                old = design[:, :-1] @ beta[:-1]
-                residual = (ys - design @ beta) / sigma
+                stderr = math.sqrt(max(float(cov[c, -1, -1]), 0.0))
                 # A kink's deviations grow from 0: only the latest must agree.
                 post = slice(end - lo, None) if shape == "jump" else slice(-persistence, None)
-                coefficient = float(beta[-1])
+                coefficient = float(beta[c, -1])
+                new_var = float(cov[c, 1, 1] + cov[c, -1, -1] + 2 * cov[c, 1, -1])
                 out.append(
                     _Change(
                         shape=shape,
-                        kink=k + max(width - 1, 0) // 2,
+                        kink=k + max(end - k - 1, 0) // 2,
                         begin=k,
                         end=end,
                         start=lo,
                         t=abs(coefficient) / stderr if stderr > 0 else math.inf,
                         coefficient=coefficient,
                         stderr=stderr,
-                        level=float(beta[0]),
-                        slope=float(beta[1]),
-                        deviations=((ys - old) / sigma)[post],
-                        misfit=float(np.sqrt(np.mean(residual[k - lo :] ** 2))),
-                        rss=float(residual @ residual),
+                        level=float(beta[c, 0]),
+                        slope=float(beta[c, 1]),
+                        deviations=deviation[c, post],
+                        misfit=float(np.sqrt(np.mean(residual[c, k - lo :] ** 2))),
+                        rss=float(residual[c] @ residual[c]),
+                        other_t=float(other[c]),
+                        other_rss=float(other_rss[c]),
+                        new_slope_stderr=math.sqrt(max(new_var, 0.0)),
                     )
                 )
     return out
@@ -715,8 +835,8 @@ class StageDetector:
         12 -> 1.2 are alike. Kinks are tested on λ̂ itself: a trend that is linear in λ̂ (as
         at minima) is curved on the log scale, and curvature would read as a string of
         kinks. One noise model serves both: the larger of the standard error and the
-        residual scatter on the signed-log scale (relative noise), mapped back to λ̂ by the
-        delta method.
+        residual scatter on the signed-log scale (relative noise), the standard error pooled
+        over the last few checkpoints, mapped back to λ̂ by the delta method.
         """
         s = self.config.scale
         x = log_step(np.asarray(self._steps, dtype=float))
@@ -729,6 +849,14 @@ class StageDetector:
         noise, dof = residual_noise(x[recent], z[recent])
         floor = max(noise if math.isfinite(noise) else 0.0, self.config.min_noise) ** 2
         known = np.isfinite(se)
+        # A chain std from 4 chains has 3 degrees of freedom (it is off by 2x either way
+        # one time in ten); weights built from it single out points at random. On the
+        # signed-log scale the noise is relative, so neighbours share it: where they agree,
+        # the median of the last _POOLED standard errors is a far steadier estimate.
+        pooled = _trailing_median(se, _POOLED)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            alike = np.abs(np.log(se / pooled)) <= math.log(_ALIKE)
+        se = np.where(alike, pooled, se)
         var = np.maximum(np.where(known, se * se, 0.0), floor)
         curves = {"jump": (z, var), "kink": (raw, var * (s + np.abs(raw)) ** 2)}
         return x, curves, math.inf if known.all() else dof
@@ -743,24 +871,25 @@ class StageDetector:
         x, curves, dof = self._arrays()
         stage = {shape: (y[start:], var[start:]) for shape, (y, var) in curves.items()}
         # The change is the best explanation (least squares) of the points since the stage
-        # began, among those that pass :func:`judge_change`; it is announced once it has
-        # persisted. A real jump that has not persisted yet also holds back a kink before
-        # it: its first points, far off the line, would otherwise end that kink.
+        # began, among those that pass the tests; it is announced once it has persisted. A
+        # real jump that has not persisted yet, and explains the points better, also holds
+        # back a kink before it: its first points, far off the line, would otherwise end
+        # that kink.
         best: _Change | None = None
-        pending = -1
-        for change in _fits(x[start:], stage, first - start, cfg.window, cfg.persistence):
-            level = 1.0 if change.shape == "jump" else change.level
-            real, _ = judge_change(
-                change.coefficient, change.stderr, change.deviations,
-                shape=change.shape, config=cfg, dof=dof, level=level, misfit=change.misfit,
-            )
-            if not real:
+        pending: _Change | None = None
+        changes = _fits(x[start:], stage, first - start, cfg.window, cfg.persistence)
+        for change in _contenders(changes):
+            if not self._real(change, changes, dof):
                 continue
-            if change.shape == "jump" and n - (start + change.end) < cfg.persistence:
-                pending = max(pending, change.begin)
+            unconfirmed = change.shape == "jump" and n - (start + change.end) < cfg.persistence
+            if unconfirmed and (pending is None or change.rss < pending.rss):
+                pending = change
             if best is None or change.rss < best.rss:
                 best = change
-        if best is None or (best.shape == "kink" and pending > best.begin):
+        if best is None:
+            return None
+        held = pending is not None and pending.begin > best.begin and pending.rss < best.rss
+        if best.shape == "kink" and held:
             return None
         persisted = n - (start + best.end) if best.shape == "jump" else n - (start + best.kink)
         if persisted < self._needed(best.shape):
@@ -772,6 +901,28 @@ class StageDetector:
         # which belong to neither level, would bias the new stage's line.
         self._stage_start = self._dropped + start + best.end + (best.shape == "jump")
         return event
+
+    def _real(self, change: _Change, changes: list[_Change], dof: float) -> bool:
+        """:func:`judge_change`, and for a jump two more tests: it is a jump on λ̂ itself too
+        (a straight λ̂ trend bends on the signed-log scale, and a bend is no jump), and it
+        explains λ̂ better than any kink does (a ramp on a bent curve is a kink)."""
+        cfg = self.config
+        if change.shape == "kink" and change.begin < _KINK_MIN_STAGE:
+            return False
+        level = 1.0 if change.shape == "jump" else change.level
+        real, _ = judge_change(
+            change.coefficient, change.stderr, change.deviations,
+            shape=change.shape, config=cfg, dof=dof, level=level, misfit=change.misfit,
+        )
+        if not real or change.shape == "kink":
+            return real
+        kink_rss = min((c.rss for c in changes if c.shape == "kink"), default=math.inf)
+        # A jump far beyond the threshold is no ramp on a bend, however a real transition's
+        # ramp fits λ̂ itself (from −40 to +16 in two checkpoints at the last saddle).
+        clear = change.t >= _CLEAR_JUMP * trend_threshold(cfg.sensitivity, dof)
+        return change.other_t >= trend_threshold(cfg.sensitivity, dof) and (
+            clear or change.other_rss <= kink_rss
+        )
 
     def _needed(self, shape: str) -> int:
         """Checkpoints from the change point on (itself included) before a change of this
@@ -807,14 +958,10 @@ class StageDetector:
                 max(cfg.persistence, x.size - start - change.end), cfg
             )
         else:
-            slope_new, stderr_new = _slope(x[post], raw[post], raw_var[post])
-            new, _ = classify_trend(
-                slope_new, stderr_new, cfg, level=float(np.mean(raw[post])), dof=dof
-            )
-            if new is Regime.UNCERTAIN:
-                new = Regime.RISING if change.coefficient > 0 else Regime.FALLING
-            before = after = change.level
             new_slope = change.slope + change.coefficient
+            floor = cfg.min_relative_slope * abs(change.level)
+            new = _direction(new_slope, change.new_slope_stderr, floor)
+            before = after = change.level
             loss_trend, loss_reason = _loss_trend(x, losses, post, cfg)
         kind, kind_reason = classify_kind(new, loss_trend)
         step, detected_at = self._steps[kink], self._steps[-1]
@@ -900,6 +1047,24 @@ class StageDetector:
         self.num_checkpoints = int(state["num_checkpoints"])
         self.num_ignored = int(state["num_ignored"])
         self.num_out_of_order = int(state["num_out_of_order"])
+
+
+def _trailing_median(values: np.ndarray, width: int) -> np.ndarray:
+    """The median of each value and the ``width − 1`` before it (fewer at the start),
+    ignoring nan; nan where all of them are."""
+    out = np.empty_like(values)
+    for i in range(values.size):
+        part = values[max(0, i - width + 1) : i + 1]
+        part = part[np.isfinite(part)]
+        out[i] = float(np.median(part)) if part.size else math.nan
+    return out
+
+
+def _direction(slope: float, stderr: float, floor: float) -> Regime:
+    t = abs(slope) / stderr if stderr > 0 else math.inf
+    if abs(slope) < floor or t < _KIND_T:
+        return Regime.FLAT
+    return Regime.RISING if slope > 0 else Regime.FALLING
 
 
 def _slope(x: np.ndarray, y: np.ndarray, var: np.ndarray) -> tuple[float, float]:

@@ -9,6 +9,13 @@ or, with ``scale``, on the signed-log scale the online detector uses (for curves
 include estimates at saddles, from −10⁴ to +10). On that scale a jump of λ̂ smooths into a
 short bump of the slope; such a bump is one boundary (at its peak), not two.
 
+Jumps first: a smoothed curve turns a jump of λ̂ (a loss drop at a saddle, −600 -> −30) into
+a bump of the slope, which critical points of the smoothed curve locate poorly or not at all.
+So the curve is first segmented at its *jumps* (:func:`find_jumps`: binary segmentation with a
+two-sided test on the signed-log scale, the same noise model and thresholds as the online
+detector), and the smoothed analysis runs on each piece between jumps; the boundaries are the
+jumps and the critical points of the pieces.
+
 Plain numpy.
 """
 
@@ -28,14 +35,23 @@ from .online import (
     Regime,
     StageKind,
     _as_float,
+    _loss_change,
     _loss_trend,
     _optional_float,
     classify_kind,
     classify_trend,
     log_step,
+    trend_threshold,
 )
 
-__all__ = ["SmoothedCurve", "StageBoundary", "retrospective_stages", "smooth_log_step"]
+__all__ = [
+    "Jump",
+    "SmoothedCurve",
+    "StageBoundary",
+    "find_jumps",
+    "retrospective_stages",
+    "smooth_log_step",
+]
 
 
 @dataclass(frozen=True)
@@ -254,6 +270,137 @@ def _crossing(
     return best
 
 
+@dataclass(frozen=True)
+class Jump:
+    """A jump of λ̂ found by :func:`find_jumps`; indices into the arrays given to it.
+
+    Attributes:
+        begin: the first point of the transition (the change point).
+        end: the first point at the new level (``begin`` for a sudden jump; up to 3 points
+            of a ramp lie in between and belong to neither level).
+        size: the jump on the signed-log scale (new level minus old, at the junction).
+        t: ``size`` in standard errors.
+        before, after: the levels of the two lines at the junction, signed-log scale.
+    """
+
+    begin: int
+    end: int
+    size: float
+    t: float
+    before: float
+    after: float
+
+
+# Points on each side of a candidate jump: lines over 8 points, or 4 when stages are short.
+_JUMP_WINDOWS = (8, 4)
+# The most a line may leave unexplained on either side of a jump (mean square, noise units):
+# a trend change inside a window misfits its line and must not pass for a jump.
+_MAX_SIDE_MISFIT = 4.0
+
+
+def _line(x: np.ndarray, y: np.ndarray, var: np.ndarray, at: np.ndarray):
+    """Weighted line through ``(x, y)``: its values at ``at``, their variances, and the mean
+    square of the standardized residuals (per residual degree of freedom)."""
+    w = 1.0 / var
+    sw = w.sum()
+    mx = float(w @ x) / sw
+    xc = x - mx
+    sxx = float(w @ (xc * xc))
+    slope = float(w @ (xc * y)) / sxx
+    mean = float(w @ y) / sw
+    residual = (y - mean - slope * xc) * np.sqrt(w)
+    value = mean + slope * (at - mx)
+    return value, 1.0 / sw + (at - mx) ** 2 / sxx, float(residual @ residual) / max(x.size - 2, 1)
+
+
+def _jump_at(x, scales, lo, hi, k, width):
+    """The two-sided test of a jump whose transition covers points ``k .. k + width − 1``
+    (none for a sudden jump) inside ``[lo, hi)``: for each window, a line on each side, both
+    evaluated at the two ends of the gap between them. If the lines cross inside the gap, a
+    continuous bend explains the points and the t is 0; else it is the smaller difference in
+    standard errors. Returns ``(t on every scale, size, before, after)`` for the best window
+    whose lines fit both sides, or None."""
+    best = None
+    ends = np.array([x[k - 1], x[k + width]])
+    for window in _JUMP_WINDOWS:
+        left = slice(max(lo, k - window), k)
+        right = slice(k + width, min(hi, k + width + window))
+        if left.stop - left.start < 3 or right.stop - right.start < 3:
+            continue
+        ts, fits = [], []
+        for y, var in scales:
+            a, va, ma = _line(x[left], y[left], var[left], ends)
+            b, vb, mb = _line(x[right], y[right], var[right], ends)
+            if max(ma, mb) > _MAX_SIDE_MISFIT:
+                break
+            d = b - a
+            t = d / np.sqrt(va + vb)
+            nearest = int(np.argmin(np.abs(t)))
+            ts.append(0.0 if d[0] * d[1] <= 0 else float(t[nearest]))
+            fits.append((float(a[nearest]), float(b[nearest])))
+        else:
+            if best is None or abs(ts[0]) > abs(best[0][0]):
+                (a, b) = fits[0]
+                best = (ts, b - a, a, b)
+    return best
+
+
+def find_jumps(
+    x: np.ndarray,
+    z: np.ndarray,
+    var: np.ndarray,
+    *,
+    raw: tuple[np.ndarray, np.ndarray] | None = None,
+    config: DetectorConfig | None = None,
+    dof: float = math.inf,
+) -> list[Jump]:
+    """Jumps of a whole curve, by binary segmentation (Scott & Knott 1974; Killick et al.
+    2012 for the family).
+
+    At every candidate change point (and transition width 0-3) a line is fitted on each side
+    (up to 8 points, limited by the jumps found so far) and both are evaluated at the
+    junction; their difference over its standard error is the jump's t. The best candidate of
+    a piece is a jump when that t exceeds ``config.sensitivity`` (Student t when the noise
+    was read from the curve), the jump is at least ``config.min_jump``, both lines fit their
+    points (a change of trend inside a window does not), and, as online, it is also a jump on
+    λ̂ itself (``raw``: a straight λ̂ trend bends on the log scale, but a bend is no jump).
+    The piece is then split at it and both halves are searched again.
+
+    Args:
+        x: log-steps, increasing.
+        z: the curve on the signed-log scale; ``var``: its noise variances.
+        raw: λ̂ itself and its noise variances, for the second test; None to skip it.
+        config: thresholds (``sensitivity``, ``min_jump``); the defaults otherwise.
+        dof: degrees of freedom of the noise estimate.
+
+    Returns:
+        The jumps in order.
+    """
+    cfg = DetectorConfig() if config is None else config
+    threshold = trend_threshold(cfg.sensitivity, dof)
+    scales = [(z, var)] + ([raw] if raw is not None else [])
+    found: list[Jump] = []
+    pieces = [(0, x.size)]
+    while pieces:
+        lo, hi = pieces.pop()
+        best: Jump | None = None
+        for k in range(lo + 3, hi - 2):
+            for width in range(4):
+                if k + width + 3 > hi:
+                    break
+                test = _jump_at(x, scales, lo, hi, k, width)
+                if test is None:
+                    continue
+                ts, size, before, after = test
+                real = all(abs(t) >= threshold for t in ts) and abs(size) >= cfg.min_jump
+                if real and (best is None or abs(ts[0]) > best.t):
+                    best = Jump(k, k + width, size, abs(ts[0]), before, after)
+        if best is not None:
+            found.append(best)
+            pieces += [(lo, best.begin), (best.end, hi)]
+    return sorted(found, key=lambda jump: jump.begin)
+
+
 def retrospective_stages(
     steps: Sequence[int] | np.ndarray,
     llcs: Sequence[float] | np.ndarray,
@@ -267,18 +414,21 @@ def retrospective_stages(
     min_stage_decades: float | None = None,
     component: str | None = None,
 ) -> list[StageBoundary]:
-    """Stage boundaries of a whole λ̂ curve, in the manner of Hoogland et al. 2024.
+    """Stage boundaries of a whole λ̂ curve: its jumps, and the critical points of the
+    smoothed curve between them, in the manner of Hoogland et al. 2024.
 
-    The curve is smoothed in log-step (:func:`smooth_log_step`); each checkpoint's smoothed
-    slope is classified with :func:`classify_trend` (the same thresholds as the online
-    detector, with the slope's standard error); runs of one regime at least ``min_points``
-    checkpoints and ``min_stage_decades`` long are stages, and a boundary lies where the
-    slope crosses halfway between the mean slopes of the two stages. For a kink smoothed by
-    a symmetric kernel that is the kink itself; for a peak it is where dλ̂/dlog t changes
-    sign. A rising or falling run no longer than ``2.5`` bandwidths between two other runs
-    is a *jump* blurred by the kernel: one boundary, at its steepest point. The kind comes
-    from the loss trend over the new stage (:func:`classify_kind`). Use
-    :func:`smooth_log_step` with the same arguments for the smoothed curve itself.
+    First the jumps (:func:`find_jumps`, on the signed-log scale with
+    :attr:`DetectorConfig.scale`, or ``scale``). Then each piece between jumps is smoothed in
+    log-step (:func:`smooth_log_step`); each checkpoint's smoothed slope is classified with
+    :func:`classify_trend` (the same thresholds as the online detector, with the slope's
+    standard error); runs of one regime at least ``min_points`` checkpoints and
+    ``min_stage_decades`` long are stages, and a boundary lies where the slope crosses
+    halfway between the mean slopes of the two stages. For a kink smoothed by a symmetric
+    kernel that is the kink itself; for a peak it is where dλ̂/dlog t changes sign. A rising
+    or falling run no longer than ``2.5`` bandwidths between two other runs is a jump too
+    small for :func:`find_jumps`, blurred by the kernel: one boundary, at its steepest point.
+    The kind comes from the loss: across a jump as online, over the new stage otherwise
+    (:func:`classify_kind`).
 
     Args:
         steps: training steps, strictly increasing.
@@ -286,11 +436,13 @@ def retrospective_stages(
         losses: training loss at each step (optional), to tell "acquire"/"simplify".
         stderrs: standard error of each λ̂ (optional;
             :func:`~slt_callbacks.analysis.noise.standard_error`).
-        smoothing: kernel std in decades; default 4 median checkpoint spacings.
-        scale: analyse ``signed_log(λ̂, scale)`` (for curves with estimates at saddles; the
-            online detector's :attr:`DetectorConfig.scale`); None: λ̂ itself.
+        smoothing: kernel std in decades; default 4 median checkpoint spacings of the whole
+            curve.
+        scale: analyse ``signed_log(λ̂, scale)`` between jumps (for curves with estimates at
+            saddles; the online detector's :attr:`DetectorConfig.scale`); None: λ̂ itself.
         config: thresholds (``sensitivity``, ``flat_threshold``, ``min_relative_slope``,
-            ``flat_loss_tolerance``); the defaults of :class:`DetectorConfig` otherwise.
+            ``min_jump``, ``flat_loss_tolerance``, ``min_noise``); the defaults of
+            :class:`DetectorConfig` otherwise.
         min_points: shortest run of checkpoints that counts as a stage.
         min_stage_decades: shortest stage, in decades of steps; default the kernel
             bandwidth. The smoothing blurs every change over about a bandwidth, so a shorter
@@ -302,8 +454,11 @@ def retrospective_stages(
     """
     cfg = DetectorConfig() if config is None else config
     min_points = check_int("min_points", min_points, minimum=1)
-    curve = smooth_log_step(steps, llcs, stderrs=stderrs, smoothing=smoothing, scale=scale)
-    x, slope = curve.log_steps, curve.slope
+    whole = smooth_log_step(steps, llcs, stderrs=stderrs, smoothing=smoothing, scale=scale)
+    index, x = whole.index, whole.log_steps
+    raw = np.asarray(llcs, dtype=float)[index]
+    se = (np.full(len(np.asarray(llcs)), math.nan) if stderrs is None
+          else np.asarray(stderrs, dtype=float))[index]
     loss_all = np.full(len(np.asarray(llcs)), math.nan)
     if losses is not None:
         loss_all = np.array([_as_float(v) for v in losses], dtype=float)
@@ -312,7 +467,122 @@ def retrospective_stages(
                 f"Expected `losses` to have the length of `llcs` ({len(np.asarray(llcs))}) "
                 f"but got {loss_all.shape[0]}."
             )
-    loss = loss_all[curve.index]
+    loss = loss_all[index]
+    z, var, raw_scale = _jump_scales(x, raw, se, cfg, scale)
+    jumps = find_jumps(x, z, var, raw=raw_scale, config=cfg, dof=whole.dof)
+    found = [_jump_found(jump, x, raw, loss, cfg) for jump in jumps]
+    edges = [0] + [e for jump in jumps for e in (jump.begin, jump.end)] + [x.size]
+    for lo, hi in zip(edges[::2], edges[1::2], strict=True):
+        if hi - lo >= 5:
+            piece = smooth_log_step(whole.steps[lo:hi], raw[lo:hi], stderrs=se[lo:hi],
+                                    smoothing=whole.bandwidth, scale=scale)
+            found += _trend_found(piece, lo, x, loss, cfg, scale, min_points,
+                                  min_stage_decades)
+    found.sort(key=lambda item: item.at)
+    boundaries: list[StageBoundary] = []
+    for item in found:
+        i = int(np.argmin(np.abs(x - item.at)))
+        (loss_trend, loss_reason), after = item.loss, item.new
+        kind, kind_reason = classify_kind(after, loss_trend)
+        step = int(whole.steps[i])
+        boundaries.append(
+            StageBoundary(
+                step=step,
+                checkpoint=int(index[i]),
+                log_step=item.at,
+                kind=kind,
+                previous_regime=item.previous,
+                new_regime=after,
+                llc=item.llc,
+                loss=_optional_float(float(loss[i])),
+                slope=item.slope,
+                stage=len(boundaries) + 1,
+                message=_message(
+                    component=component,
+                    step=step,
+                    previous=item.previous,
+                    new=after,
+                    slope=item.slope,
+                    loss_reason=loss_reason,
+                    loss_known=loss_trend is not Regime.UNCERTAIN,
+                    kind=kind,
+                    kind_reason=kind_reason,
+                    jump=item.jump,
+                ),
+            )
+        )
+    return boundaries
+
+
+@dataclass(frozen=True)
+class _Found:
+    previous: Regime
+    new: Regime
+    at: float  # log-step of the boundary
+    loss: tuple[Regime, str]  # what the loss did
+    slope: float  # of the new stage, per decade (signed-log units for a jump: its size)
+    llc: float  # λ̂ at the boundary (the new level, for a jump)
+    jump: bool
+
+
+def _jump_scales(x, raw, se, cfg, scale):
+    """The signed-log curve and its noise variances (the larger of the squared standard
+    error and the curve's residual scatter, floored at ``min_noise``), and the same noise on
+    λ̂ itself, by the delta method."""
+    s = cfg.scale if scale is None else scale
+    z = signed_log(raw, s)
+    z_se = signed_log_stderr(raw, se, s)
+    noise, _ = residual_noise(x, z)
+    floor = max(noise if math.isfinite(noise) else 0.0, cfg.min_noise) ** 2
+    var = np.maximum(np.where(np.isfinite(z_se), z_se * z_se, 0.0), floor)
+    return z, var, (raw, var * (s + np.abs(raw)) ** 2)
+
+
+def _jump_found(jump: Jump, x, raw, loss, cfg) -> _Found:
+    """A jump as a boundary: rising or falling, named by the loss across it (as online)."""
+    window = _JUMP_WINDOWS[0]
+    end = min(jump.end + window, x.size)
+    loss_change = _loss_change(x[:end], loss[:end], jump.end, jump.begin, window, cfg)
+    return _Found(
+        previous=Regime.FLAT,
+        new=Regime.RISING if jump.size > 0 else Regime.FALLING,
+        at=float(x[jump.begin]),
+        loss=loss_change,
+        slope=jump.size,
+        llc=float(raw[jump.end]),
+        jump=True,
+    )
+
+
+def _trend_found(piece, lo, x, loss, cfg, scale, min_points, min_stage_decades):
+    """The critical points of one smoothed piece (starting at index ``lo``) as boundaries."""
+    out = []
+    for before, after, at, segment, end in _trend_changes(
+        piece, cfg, scale, min_points, min_stage_decades
+    ):
+        i = int(np.argmin(np.abs(piece.log_steps - at)))
+        value = float(np.interp(at, piece.log_steps, piece.smoothed))
+        if scale is not None:
+            value = float(signed_log_inverse(value, scale))
+        loss_segment = slice(segment.start + lo, segment.stop + lo)
+        out.append(
+            _Found(
+                previous=before,
+                new=after,
+                at=at,
+                loss=_loss_trend(x, loss, loss_segment, cfg),
+                slope=float(piece.slope[i : end + 1].mean()),
+                llc=value,
+                jump=False,
+            )
+        )
+    return out
+
+
+def _trend_changes(curve, cfg, scale, min_points, min_stage_decades):
+    """Critical points of one smoothed piece: ``(previous, new, log-step, loss segment,
+    stage end)``, indices relative to the piece."""
+    x, slope = curve.log_steps, curve.slope
     # On the signed-log scale slopes are already relative: the practical floor is absolute.
     levels = np.ones_like(curve.smoothed) if scale is not None else curve.smoothed
     regimes = [
@@ -322,7 +592,6 @@ def retrospective_stages(
     extent = curve.bandwidth if min_stage_decades is None else min_stage_decades
     extent = check_number("min_stage_decades", extent, strict=False)
     runs = _segments(regimes, x, min_points, extent)
-    # (previous regime, new regime, log-step of the boundary, loss segment, stage end)
     found: list[tuple[Regime, Regime, float, slice, int]] = []
     j = 0
     while j < len(runs) - 1:
@@ -341,41 +610,7 @@ def retrospective_stages(
         i = int(np.argmin(np.abs(x - at)))
         found.append((before, after, at, slice(i, last_b + 1), last_b))
         j += 1
-    boundaries: list[StageBoundary] = []
-    for before, after, at, segment, end in found:
-        i = int(np.argmin(np.abs(x - at)))
-        stage_slope = float(slope[i : end + 1].mean())
-        loss_trend, loss_reason = _loss_trend(x, loss, segment, cfg)
-        kind, kind_reason = classify_kind(after, loss_trend)
-        step = int(curve.steps[i])
-        value = float(np.interp(at, x, curve.smoothed))
-        boundaries.append(
-            StageBoundary(
-                step=step,
-                checkpoint=int(curve.index[i]),
-                log_step=at,
-                kind=kind,
-                previous_regime=before,
-                new_regime=after,
-                llc=value if scale is None else float(signed_log_inverse(value, scale)),
-                loss=_optional_float(float(loss[i])),
-                slope=stage_slope,
-                stage=len(boundaries) + 1,
-                message=_message(
-                    component=component,
-                    step=step,
-                    previous=before,
-                    new=after,
-                    slope=stage_slope,
-                    loss_reason=loss_reason,
-                    loss_known=loss_trend is not Regime.UNCERTAIN,
-                    kind=kind,
-                    kind_reason=kind_reason,
-                ),
-            )
-        )
-    return boundaries
-
+    return found
 
 
 def _message(
@@ -389,9 +624,13 @@ def _message(
     loss_known: bool,
     kind: StageKind,
     kind_reason: str,
+    jump: bool = False,
 ) -> str:
     who = "λ̂" if component is None else f"λ̂[{component}]"
-    if new is Regime.FLAT:
+    if jump:
+        direction = "up" if new is Regime.RISING else "down"
+        change = f"{who} jumped {direction} ({slope:+.3g} on the signed-log scale)"
+    elif new is Regime.FLAT:
         change = f"{who} levelled off ({slope:+.3g} per decade)"
     else:
         change = f"{who} started {new.value} ({slope:+.3g} per decade)"
