@@ -1,0 +1,161 @@
+"""The chain-length rule of calibrate(): stationarity, autocorrelation, halving, settle().
+
+All on synthetic traces with fixed seeds (no SGLD runs), so the whole file takes well under a
+second. Tolerances are stated where a test depends on noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from slt_callbacks.core.calibrate import PilotRun, settle
+from slt_callbacks.core.mixing import (
+    Mixing,
+    assess_mixing,
+    compare_halving,
+    integrated_autocorrelation_time,
+)
+
+
+def ar1(chains: int, steps: int, phi: float, seed: int = 0) -> torch.Tensor:
+    """Unit-variance AR(1) traces: τ = (1 + φ) / (1 − φ) exactly."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(chains, steps, generator=g, dtype=torch.float64)
+    x = torch.empty_like(noise)
+    x[:, 0] = noise[:, 0]
+    scale = math.sqrt(1 - phi**2)
+    for t in range(1, steps):
+        x[:, t] = phi * x[:, t - 1] + scale * noise[:, t]
+    return x
+
+
+def test_autocorrelation_time_of_ar1_and_white_noise():
+    # τ = 19 for φ = 0.9; with 8 × 20,000 draws Sokal's estimator is within ~10% (its
+    # relative error is about sqrt(2(2M + 1)/N) ≈ 5% here, M ≈ 5τ).
+    assert integrated_autocorrelation_time(ar1(8, 20_000, 0.9)) == pytest.approx(19, rel=0.1)
+    assert integrated_autocorrelation_time(ar1(8, 4_000, 0.0)) == pytest.approx(1, abs=0.2)
+    with pytest.raises(ValueError, match="`trace`"):
+        integrated_autocorrelation_time(torch.zeros(3))
+
+
+def test_stationary_trace_passes_and_relaxing_trace_fails():
+    flat = 3.0 + ar1(8, 4000, 0.5)
+    m = assess_mixing(flat)
+    assert m.stationary, m.reason
+    assert m.llc == pytest.approx(3.0, abs=0.1) and m.num_steps == 4000
+    assert m.tau == pytest.approx(3.0, rel=0.25) and m.ess == pytest.approx(8 * 2000 / m.tau)
+    # λ̂ still rising by 1.0 (33%) over the trace: the late window reads 0.25 above the one
+    # before it (8% of λ̂), and with its standard error above the 10% tolerance.
+    t = torch.arange(4000, dtype=torch.float64) / 4000
+    rising = flat - 1.0 + t
+    m = assess_mixing(rising)
+    assert not m.stationary and "not stationary" in m.reason
+    assert m.trend == pytest.approx(0.375, abs=0.1)
+
+
+def test_noise_cannot_make_a_short_trace_stationary():
+    """An equivalence test: a flat mean with a huge spread fails (its standard error alone
+    exceeds the tolerance), and so do too few effective draws."""
+    noisy = 3.0 + 20.0 * ar1(4, 400, 0.0)
+    m = assess_mixing(noisy)
+    assert not m.stationary and abs(m.trend) < m.trend_se * 3
+    slow = 3.0 + 0.01 * ar1(2, 400, 0.99)  # τ ≈ 200: ESS ≈ 4
+    m = assess_mixing(slow, min_ess=100)
+    assert not m.stationary and "ESS" in m.reason
+
+
+def test_diverged_trace_is_never_stationary():
+    x = 3.0 + ar1(4, 100, 0.0)
+    x[1, 50] = float("inf")
+    m = assess_mixing(x)
+    assert not m.stationary and math.isnan(m.llc) and "diverged" in m.reason
+
+
+def test_bad_trace_and_tolerances_are_named():
+    with pytest.raises(ValueError, match="`trace`"):
+        assess_mixing(torch.zeros(1, 100))
+    with pytest.raises(ValueError, match="`max_trend`"):
+        assess_mixing(torch.zeros(4, 100), max_trend=-1.0)
+
+
+def mixing(llc_per_chain, *, stationary=True) -> Mixing:
+    values = torch.tensor(llc_per_chain, dtype=torch.float64)
+    return Mixing(1000, tuple(llc_per_chain), float(values.mean()), float(values.std()),
+                  0.0, 0.0, 1.0, 1000.0, stationary, "")
+
+
+def test_halving_is_judged_against_the_full_estimates_standard_error():
+    coarse = mixing([2.8, 3.2, 2.9, 3.1, 3.0, 2.7, 3.3, 3.0])  # std 0.2 → se(4 chains) 0.1
+    close = mixing([v - 0.05 for v in coarse.llc_per_chain])
+    far = mixing([v - 0.15 for v in coarse.llc_per_chain])
+    h = compare_halving(coarse, close, num_chains=4)
+    assert h.agree and h.shift == pytest.approx(0.05) and h.shift_se == pytest.approx(0.0)
+    assert h.target_se == pytest.approx(coarse.llc_std / 2)
+    assert not compare_halving(coarse, far, num_chains=4).agree
+    # More chains in the full estimate: a smaller standard error, a stricter test.
+    assert not compare_halving(coarse, close, num_chains=64).agree
+    with pytest.raises(ValueError, match="same number of chains"):
+        compare_halving(coarse, mixing([3.0, 3.0]), num_chains=4)
+
+
+class FakeChains:
+    """``run(ε, T)`` on a model of SGLD at a singular minimum: λ̂ relaxes towards
+    λ(ε) = 5 + bias·ε/1e-5 with a relaxation time of ``relax·1e-5/ε`` steps (slower at
+    small steps), plus white noise of std 1 per draw; 8 chains, fixed seeds."""
+
+    def __init__(self, bias: float, relax: float) -> None:
+        self.bias, self.relax, self.calls = bias, relax, []
+
+    def __call__(self, eps: float, steps: int) -> PilotRun:
+        self.calls.append((eps, steps))
+        g = torch.Generator().manual_seed(steps)
+        t = torch.arange(steps, dtype=torch.float64)
+        target = 5.0 + self.bias * eps / 1e-5
+        tau = self.relax * 1e-5 / eps
+        mean = target - 2.0 * torch.exp(-t / tau)
+        trace = mean + torch.randn(8, steps, generator=g, dtype=torch.float64)
+        return PilotRun(step_size=eps, localization=1.0, n_beta=100.0, num_steps=steps,
+                        mixing=assess_mixing(trace))
+
+
+def test_settle_verifies_at_the_first_step_when_bias_is_small():
+    # λ(ε) − λ(ε/2) = 0.001, far below the se of 4 chains of 1000 draws (~0.016).
+    run = FakeChains(bias=0.001, relax=100.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=3, num_chains=4)
+    assert s.verified and s.step_size == 1e-5 and s.num_steps == 2000, s.reason
+    assert run.calls == [(5e-6, 2000), (1e-5, 2000)]  # ε/2 first: the slower chain
+
+
+def test_settle_lengthens_chains_until_stationary():
+    # Relaxation 2000 steps at ε/2: the trend test fails until T/4 ≫ 2000.
+    run = FakeChains(bias=0.001, relax=1000.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=3, num_chains=4)
+    assert s.verified and s.step_size == 1e-5, s.reason
+    assert s.num_steps > 2000 and [c[1] for c in run.calls[:2]] == [2000, 4000]
+
+
+def test_settle_halves_a_biased_step():
+    # Bias 0.08 per 1e-5: λ̂(1e-5) − λ̂(5e-6) = 0.04 exceeds the se of 4 chains (0.012
+    # here); at the same simulated time the shift stays, so ε halves until the shift
+    # (0.08·ε/2e-5) falls below it: ε = 2.5e-6 (shift 0.01).
+    run = FakeChains(bias=0.08, relax=10.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=3, num_chains=4)
+    assert s.verified and s.step_size == pytest.approx(2.5e-6), s.reason
+    assert "halving ε = 1e-05 moved" in s.reason
+
+
+def test_settle_out_of_budget_is_unverified_and_says_so():
+    # Relaxation (2000 steps at ε/2) as long as the budget: no stationary chains. (A
+    # relaxation far longer than the budget would look flat: no trend test sees it; the
+    # halving at equal length does, see the module docstring of calibrate.)
+    run = FakeChains(bias=0.001, relax=1000.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=4000, max_halvings=3, num_chains=4)
+    assert not s.verified and s.step_size is None and "max_steps = 4000" in s.reason
+    # A bias that never falls below the se within the halvings: the finest stationary step.
+    run = FakeChains(bias=10.0, relax=10.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=1, num_chains=4)
+    assert not s.verified and s.step_size == pytest.approx(2.5e-6)
+    assert "Not verified" in s.reason and "max_steps" in s.reason
