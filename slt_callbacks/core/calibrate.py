@@ -613,19 +613,22 @@ def settle(
     When the budget runs out, the finest step size whose chains were stationary is returned
     with ``verified=False``; when none was, ``step_size`` and T are None.
     """
-    eps, steps, best, halvings = step_size, min_steps, None, 0
+    eps, steps, halvings = step_size, min_steps, 0
+    best: list[_Candidate] = []  # stationary pairs (ε, ε/2 at T), else single runs
     history: list[str] = []
     while True:
         fine, steps, why = _stationary_length(run, eps / 2, steps, max_steps)
         if fine is None:
             return _unsettled(best, why, history)
-        best = (eps / 2, steps, fine.mixing.llc)
+        best.append(_Candidate(math.inf, eps / 2, steps, fine.mixing.llc, False))
         coarse = run(eps, steps)
         if coarse.mixing.stationary:
             halving = compare_halving(coarse.mixing, fine.mixing, num_chains=num_chains)
             history.append(_halving_text(eps, steps, coarse.mixing, halving))
             if halving.agree:
                 return Settled(eps, steps, True, "; ".join(history) + ".")
+            best.append(_Candidate(abs(halving.shift) / halving.target_se, eps, steps,
+                                   coarse.mixing.llc, True))
             if _under_mixed(run, coarse, eps, steps, max_steps, num_chains, history):
                 steps *= 2
                 continue
@@ -636,6 +639,17 @@ def settle(
             return _unsettled(best, f"no agreement within {max_halvings} halvings of ε",
                               history)
         eps, halvings = eps / 2, halvings + 1
+
+
+class _Candidate(NamedTuple):
+    """A fallback of :func:`settle`: a stationary pair (ratio = |shift| / se), else a
+    single stationary run (ratio inf)."""
+
+    ratio: float
+    step_size: float
+    num_steps: int
+    llc: float
+    pair: bool
 
 
 def _under_mixed(run: PilotFn, coarse: PilotRun, eps: float, steps: int, max_steps: int,
@@ -683,16 +697,19 @@ def _halving_text(eps: float, steps: int, coarse: Mixing, h: Halving) -> str:
             f"{verdict} the full estimate's standard error {h.target_se:.2g}")
 
 
-def _unsettled(best: tuple[float, int, float] | None, why: str, history: list[str]
-               ) -> Settled:
+def _unsettled(best: list[_Candidate], why: str, history: list[str]) -> Settled:
     prefix = "; ".join(history) + "; " if history else ""
-    if best is None:
+    if not best:
         return Settled(None, None, False, f"{prefix}{why}: no chain length verified.")
-    eps, steps, llc = best
-    return Settled(eps, steps, False, (
-        f"{prefix}{why}. Not verified: chose the finest step size whose chains were "
-        f"stationary, ε = {eps:.3g} with T = {steps} steps (λ̂ = {llc:.4g}); raise "
-        "`max_steps` to verify it."))
+    # The pair closest to agreement (its ε/2 was stationary at T too), else the finest
+    # stationary single run.
+    pick = min(best, key=lambda c: (c.ratio, c.step_size))
+    what = (f"the stationary pair closest to agreement (halving moved λ̂ by {pick.ratio:.2g} "
+            "standard errors)" if pick.pair else
+            "the finest step size whose chains were stationary")
+    return Settled(pick.step_size, pick.num_steps, False, (
+        f"{prefix}{why}. Not verified: chose {what}, ε = {pick.step_size:.3g} with "
+        f"T = {pick.num_steps} steps (λ̂ = {pick.llc:.4g}); raise `max_steps` to verify it."))
 
 
 class _Pilots:
@@ -901,9 +918,9 @@ def calibrate(
             pilots_fn = _Pilots(model, loss_fn, batches,
                                 replace(recommended, num_chains=num_chains), seed,
                                 length.mixing_options)
-            start = max(q.step_size for q in rows if q.healthy and q.n_beta == p.n_beta
+            first = max(q.step_size for q in rows if q.healthy and q.n_beta == p.n_beta
                         and q.localization == p.localization)
-            recommended, verified, reason = _choose_length(recommended, start, reason, length,
+            recommended, verified, reason = _choose_length(recommended, first, reason, length,
                                                            pilots_fn, base.num_chains)
             pilots = tuple(pilots_fn.runs)
     calibration = Calibration(
