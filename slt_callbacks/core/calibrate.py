@@ -1,5 +1,5 @@
-r"""Choose the SGLD step size and localization of an LLC estimate from short trial chains,
-and say why.
+r"""Choose the SGLD step size, localization and chain length of an LLC estimate from trial
+chains, and say why.
 
 An LLC estimate (Lau et al. 2023) is only as good as its step size ε. Too small, and the
 chains have not left w* by the end of burn-in: λ̂ is biased *low* and rises as ε grows.
@@ -53,13 +53,39 @@ is measured with a paired standard error 2–4× smaller than the unpaired one. 
 then a sharp test, not a test that passes because short chains are noisy.
 
 If no run of two agreeing points exists (the plateau is narrower than the grid spacing, or
-the calibration chains are too short to reach it), the largest healthy step is recommended
-and the calibration is marked ``verified=False``: without a plateau, λ̂(ε) of short chains
-rises with ε because small steps have not mixed (biased low), while the health checks
-(acceptance ≥ 0.9) already exclude the coarse steps that bias it high. If no point is
-healthy, ``config`` is None and ``reason`` says what to change. Both warn by default
-(``on_failure="warn"``), like an unhealthy LLC estimate; ``on_failure="raise"`` raises
-:class:`CalibrationError` instead.
+the calibration chains are too short to reach it), the largest healthy step is recommended:
+without a plateau, λ̂(ε) of short chains rises with ε because small steps have not mixed
+(biased low), while the health checks (acceptance ≥ 0.9) already exclude the coarse steps
+that bias it high. If no point is healthy, ``config`` is None and ``reason`` says what to
+change.
+
+**Chain length, then ε at equal length** (:func:`settle`; skipped with ``max_steps=None``).
+The screen's short chains cannot tell a mixed chain from one that has not left w*: at a
+singular minimum λ̂ first sits on a plateau of the regular directions, then rises over tens
+of thousands of steps as the chains fill the directions where L grows only at high order
+(a depth-3 deep linear network: ≈ x⁶, posterior width (nβ)^(−1/6)); a flat stretch of
+λ̂(ε) among short chains can be that plateau. So the chain length is chosen from the chains
+themselves: pilot chains (``num_chains`` of them, from w*, no burn-in, the same seed) start
+at the largest healthy step of the chosen series (the fastest mixing), their length T
+doubles from twice the screening length until the chains at ε/2 are stationary
+(:func:`~slt_callbacks.core.mixing.assess_mixing`: λ̂ over [T/2, T) within ``max_trend``
+of λ̂ over [T/4, T/2), one standard error included, and an effective sample size of at
+least ``min_ess`` from the integrated autocorrelation time); then ε runs at the same T,
+and the config is accepted (``verified=True``) when halving ε moved λ̂ by less than the
+full estimate's standard error (std of per-chain λ̂ / √``base.num_chains``): the
+stability target itself, at the length the config will run. A disagreement is diagnosed
+by running ε/2 for 2T, the same simulated time: if λ̂ then agrees the fine chains were
+under-mixed (T doubles), else the step size biases λ̂ (ε halves, at most ``max_halvings``
+times). Directions along which L is exactly constant (the GL(r) symmetry orbits of a deep
+linear network) do not change λ̂ and need not be mixed; only their effect on it is tested
+(chains drifting along them into stiffer regions read λ̂ high and fail the trend test at
+the coarse step, which then halves). The recommended config has burn-in = draws = T/2.
+Within ``max_steps`` (the longest pilot chain; the phase costs at most a few times
+``num_chains · max_steps`` gradient evaluations per halving) the rule may not verify; it
+then returns the stationary (ε, ε/2) pair closest to agreement, ``verified=False``.
+
+An unverified choice or no choice warns by default (``on_failure="warn"``), like an
+unhealthy LLC estimate; ``on_failure="raise"`` raises :class:`CalibrationError` instead.
 
 The default grid is centred on the primer's heuristic ε·nβ·λ_max = 0.1, spanning 1e-3 to 3
 in half-decades, with λ_max from a few power iterations of Hessian-vector products. At a
@@ -252,12 +278,14 @@ class Calibration:
 
     Attributes:
         config: the recommended :class:`~slt_callbacks.core.config.SGLDConfig`: ``base`` with
-            the chosen ``step_size`` (and ``n_beta`` / ``localization`` where those were
-            swept). None when no grid point was healthy.
+            the chosen ``step_size``, ``localization`` (and ``n_beta`` where swept) and,
+            after the chain-length phase, ``num_burnin_steps`` = ``num_draws`` = T/2. None
+            when no grid point was healthy or no pilot chains were stationary.
         table: every grid point, sorted by localization, nβ, then step size.
         chosen_index: index of the recommended point in ``table``, or None.
-        verified: True when the chosen point lies in a flat region (see :func:`choose`);
-            False when it is a fallback or there is none.
+        verified: True when the chain-length phase verified the choice (stationary
+            chains at ε and ε/2, halving within the standard error; see :func:`settle`),
+            or, with ``max_steps=None``, when the screen found a flat region (``flat``).
         rule: the selection rule, as a sentence.
         reason: why this point (or why none), with advice.
         grid: how the step sizes were chosen.
@@ -769,16 +797,18 @@ def calibrate(
     min_ess: float = 100.0,
     on_failure: OnFailure = "warn",
 ) -> Calibration:
-    """Choose the SGLD step size and localization (optionally nβ) for LLC estimates of
-    ``model``.
+    """Choose the SGLD step size, localization and chain length (optionally nβ) for LLC
+    estimates of ``model``.
 
-    Runs one short LLC estimate per grid point (``step_sizes`` × ``n_betas`` ×
-    ``localizations``), judges each with the health checks, and applies :func:`choose`: the
-    largest step size of the region where λ̂ does not depend on the step size, at the
-    smallest localization that has such a region (with ``localizations`` unset, the γ
-    ladder :data:`DEFAULT_LOCALIZATIONS` is walked upward and stops there). The module
-    docstring states the rule and why; :meth:`Calibration.to_markdown` and
-    :func:`slt_callbacks.plots.plot_calibration` show the evidence.
+    Screen: one short LLC estimate per grid point (``step_sizes`` × ``n_betas`` ×
+    ``localizations``), judged by the health checks; :func:`choose` picks the series (the
+    smallest γ whose chains stay local: with ``localizations`` unset, the γ ladder
+    :data:`DEFAULT_LOCALIZATIONS` is walked upward and stops there). Then the chain-length
+    phase (:func:`settle`): pilot chains from the largest healthy step of that series,
+    lengthened until stationary, ε halved until halving moves λ̂ by less than the full
+    estimate's standard error. The module docstring states the rule and why;
+    :meth:`Calibration.to_markdown` and :func:`slt_callbacks.plots.plot_calibration` show
+    the evidence.
 
     Calibrate once, at a representative checkpoint (a trained model, not the random
     initialisation), and keep the resulting config for every checkpoint of the run: LLC
@@ -815,9 +845,16 @@ def calibrate(
         criteria: health thresholds; default ``HealthCriteria(min_acceptance=0.9)``.
         num_power_iterations: Hessian-vector products spent on λ_max; 0 skips it (then the
             default grid is :data:`DEFAULT_STEP_SIZES`).
-        on_failure: when no verified step size exists (no healthy point, or no flat
-            region): ``"warn"`` (default) and return, ``"raise"`` :class:`CalibrationError`,
-            or ``"ignore"``.
+        max_steps: the longest pilot chain of the chain-length phase (see the module
+            docstring), at least ``2 · (num_burnin_steps + num_draws)``; None skips the
+            phase: the chain length is ``base``'s and ``verified`` means a flat region of
+            the screen.
+        max_halvings: times the chain-length phase may halve ε.
+        max_trend: tolerated relative trend of λ̂ between [T/4, T/2) and [T/2, T).
+        min_ess: effective draws over all pilot chains required for stationarity.
+        on_failure: when no verified config exists (no healthy point, or the chain-length
+            phase did not verify): ``"warn"`` (default) and return, ``"raise"``
+            :class:`CalibrationError`, or ``"ignore"``.
 
     Returns:
         A :class:`Calibration`; ``.config`` is None when no grid point was healthy.
@@ -832,7 +869,8 @@ def calibrate(
         >>> data = [(x[i:i + 256], model(x[i:i + 256]).detach()) for i in range(0, 1024, 256)]
         >>> loss_fn = lambda m, b: 0.5 * ((m(b[0]) - b[1]) ** 2).sum(-1).mean()
         >>> cal = calibrate(model, loss_fn, data, base=SGLDConfig(localization=1.0),
-        ...                 num_draws=100, num_burnin_steps=50, on_failure="ignore")
+        ...                 num_draws=100, num_burnin_steps=50, max_steps=None,
+        ...                 on_failure="ignore")   # the screen only (fast)
         >>> cal.config is None or cal.config.step_size in [p.step_size for p in cal.table]
         True
     """
