@@ -101,10 +101,11 @@ def main() -> None:
                         max_steps=args.max_steps, on_failure="ignore")
         tables.append(f"### {name}, seed {args.seed}\n\n{cal.to_markdown()}\n")
         if cal.config is None:
-            print(f"| {name} | {truth:g} | none | – | – | no | – | – | – | – | – | "
-                  f"{cal.seconds:.0f} |", flush=True)
+            print(f"| {name}, seed {args.seed} | {truth:g} | none | – | – | no | – | – | – "
+                  f"| – | – | {cal.seconds:.0f} |", flush=True)
             continue
-        print(_row(name, truth, cal, model, data, args.seed), flush=True)
+        print(_row(f"{name}, seed {args.seed}", truth, cal, model, data, args.seed),
+              flush=True)
     print("\nse = chain std / √chains. error = λ̂/λ − 1. shift / se = |λ̂(ε) − λ̂(ε/2)| / se(ε), "
           "ε/2 with the same burn-in and draws: below 1 is the stability target. 'verified': "
           "the calibration's own halving test passed with stationary chains (see "

@@ -646,6 +646,10 @@ def settle(
     history: list[str] = []
     while True:
         fine, steps, why = _stationary_length(run, eps / 2, steps, max_steps)
+        if fine is None and why.endswith("diverged") and halvings < max_halvings:
+            history.append(why)  # too coarse for long chains: halve, same simulated time
+            eps, steps, halvings = eps / 2, 2 * steps, halvings + 1
+            continue
         if fine is None:
             return _unsettled(best, why, history)
         best.append(_Candidate(math.inf, eps / 2, steps, fine.mixing.llc, False))
@@ -666,7 +670,10 @@ def settle(
         if halvings == max_halvings:
             return _unsettled(best, f"no agreement within {max_halvings} halvings of ε",
                               history)
-        eps, halvings = eps / 2, halvings + 1
+        # Half the step, twice the steps: the same simulated time ε·T, so a chain at the
+        # smaller step is never judged before it has travelled as far (short chains at small
+        # steps sit on the plateau of the regular directions and look stationary).
+        eps, steps, halvings = eps / 2, 2 * steps, halvings + 1
 
 
 class _Candidate(NamedTuple):
@@ -687,7 +694,8 @@ def _under_mixed(run: PilotFn, coarse: PilotRun, eps: float, steps: int, max_ste
     if 2 * steps > max_steps:
         return False
     longer = run(eps / 2, 2 * steps)
-    same_time = compare_halving(coarse.mixing, longer.mixing, num_chains=num_chains)
+    same_time = compare_halving(coarse.mixing, longer.mixing, num_chains=num_chains,
+                                margin=False)  # other lengths, other streams: not paired
     history.append(
         f"ε/2 run for {2 * steps} steps (the same simulated time) reads {longer.mixing.llc:.4g}"
         + (": under-mixed, so T doubles" if same_time.agree else ": the step size biases λ̂, "
@@ -706,10 +714,10 @@ def _stationary_length(
         m = last.mixing
         if m.stationary:
             return last, steps, ""
-        if not math.isfinite(m.llc) or m.llc <= 0:
-            return None, steps, (f"at ε = {eps:.3g}, T = {steps} the chains {m.reason}" if
-                                 not math.isfinite(m.llc) else
-                                 f"at ε = {eps:.3g}, T = {steps} λ̂ = {m.llc:.3g} ≤ 0: the "
+        if not math.isfinite(m.llc):
+            return None, steps, f"at ε = {eps:.3g}, T = {steps} some chain diverged"
+        if m.llc <= 0:
+            return None, steps, (f"at ε = {eps:.3g}, T = {steps} λ̂ = {m.llc:.3g} ≤ 0: the "
                                  "chains escape below L_n(w*) in long runs (no minimum at "
                                  "this γ)")
         steps *= 2
@@ -956,8 +964,7 @@ def calibrate(
             pilots_fn = _Pilots(model, loss_fn, batches,
                                 replace(recommended, num_chains=num_chains), seed,
                                 length.mixing_options)
-            first = max(q.step_size for q in rows if q.healthy and q.n_beta == p.n_beta
-                        and q.localization == p.localization)
+            first = _first_pilot_step(rows, p)
             recommended, verified, reason = _choose_length(recommended, first, reason, length,
                                                            pilots_fn, base.num_chains)
             pilots = tuple(pilots_fn.runs)
@@ -1008,6 +1015,24 @@ def length_rule_text(max_trend: float, min_ess: float) -> str:
     )
 
 
+START_ACCEPTANCE = 0.8
+"""The chain-length phase starts at the largest screened step of the chosen series whose
+chains stayed finite and local with at least this acceptance: below the screen's 0.9,
+because the phase itself halves a step that biases λ̂, and a coarse start is what keeps
+it from judging chains at small steps that have not yet left w*."""
+
+
+def _first_pilot_step(rows: Sequence[CalibrationPoint], chosen: CalibrationPoint) -> float:
+    """The step the chain-length phase starts from (see :data:`START_ACCEPTANCE`)."""
+    usable = [
+        q.step_size for q in rows
+        if q.n_beta == chosen.n_beta and q.localization == chosen.localization
+        and q.num_diverged == 0 and math.isfinite(q.llc_mean) and q.llc_mean > 0
+        and q.status is not Status.NOT_A_MINIMUM and q.acceptance >= START_ACCEPTANCE
+    ]
+    return max([chosen.step_size, *usable])
+
+
 def _choose_length(
     screened: SGLDConfig,
     start: float,
@@ -1016,10 +1041,10 @@ def _choose_length(
     pilots: PilotFn,
     num_chains: int,
 ) -> tuple[SGLDConfig | None, bool, str]:
-    """Run :func:`settle` from ``start``, the largest healthy step of the screened series
-    (the fastest-mixing chains; a flat region of short chains may be a plateau of chains
-    that have not yet left w*); the config with the chosen ε and chain length, whether it
-    is verified, and the reason (the screen's, then the length's)."""
+    """Run :func:`settle` from ``start`` (:func:`_first_pilot_step`: the fastest-mixing
+    chains; a flat region of short chains may be a plateau of chains that have not yet left
+    w*); the config with the chosen ε and chain length, whether it is verified, and the
+    reason (the screen's, then the length's)."""
     settled = settle(pilots, start, min_steps=rule.min_steps,
                      max_steps=rule.max_steps, max_halvings=rule.max_halvings,
                      num_chains=num_chains)

@@ -137,14 +137,15 @@ def test_settle_lengthens_chains_until_stationary():
     assert s.num_steps > 2000 and [c[1] for c in run.calls[:2]] == [2000, 4000]
 
 
-def test_settle_halves_a_biased_step():
-    # Bias 0.08 per 1e-5: λ̂(1e-5) − λ̂(5e-6) = 0.04 exceeds the se of 4 chains (0.012
-    # here); at the same simulated time the shift stays, so ε halves until the shift
-    # (0.08·ε/2e-5) falls below it: ε = 2.5e-6 (shift 0.01).
-    run = FakeChains(bias=0.08, relax=10.0)
+def test_settle_halves_a_biased_step_and_doubles_its_length():
+    # Bias 0.03 per 1e-5: λ̂(1e-5) − λ̂(5e-6) = 0.015 exceeds the se of 4 chains (0.012
+    # here) and stays at the same simulated time (ε/2 for 2T), so ε halves, and T doubles
+    # with it (the same simulated time); at 5e-6 the shift is 0.0075 < 0.011.
+    run = FakeChains(bias=0.03, relax=10.0)
     s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=3, num_chains=4)
-    assert s.verified and s.step_size == pytest.approx(2.5e-6), s.reason
-    assert "halving ε = 1e-05 moved" in s.reason
+    assert s.verified and s.step_size == pytest.approx(5e-6), s.reason
+    assert s.num_steps == 4000
+    assert "halving ε = 1e-05 moved" in s.reason and "so ε halves" in s.reason
 
 
 def test_settle_out_of_budget_is_unverified_and_says_so():
@@ -160,3 +161,38 @@ def test_settle_out_of_budget_is_unverified_and_says_so():
     s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=1, num_chains=4)
     assert not s.verified and s.step_size == pytest.approx(5e-6)
     assert "Not verified" in s.reason and "closest to agreement" in s.reason
+
+
+class DivergingChains(FakeChains):
+    """FakeChains whose chains overflow above ε = 3e-6 (too coarse for long chains)."""
+
+    def __call__(self, eps: float, steps: int) -> PilotRun:
+        pilot = super().__call__(eps, steps)
+        if eps <= 3e-6:
+            return pilot
+        trace = torch.full((8, steps), float("inf"), dtype=torch.float64)
+        return PilotRun(step_size=eps, localization=1.0, n_beta=100.0, num_steps=steps,
+                        mixing=assess_mixing(trace))
+
+
+def test_settle_halves_a_step_whose_long_chains_diverge():
+    run = DivergingChains(bias=0.001, relax=10.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=3, num_chains=4)
+    assert s.verified and s.step_size == pytest.approx(2.5e-6), s.reason
+    assert s.num_steps == 8000 and "diverged" in s.reason
+
+
+def test_first_pilot_step_is_the_largest_finite_local_step_with_acceptance():
+    from slt_callbacks import Status
+    from slt_callbacks.core.calibrate import CalibrationPoint, _first_pilot_step
+
+    def row(eps, acc, status=Status.HEALTHY, llc=3.0, diverged=0, gamma=1.0):
+        return CalibrationPoint(step_size=eps, n_beta=100.0, localization=gamma,
+                                llc_mean=llc, llc_std=0.1, acceptance=acc, status=status,
+                                num_diverged=diverged, healthy=status is Status.HEALTHY)
+
+    chosen = row(1e-5, 0.99)
+    rows = [chosen, row(3e-5, 0.85, Status.LOW_ACCEPTANCE), row(1e-4, 0.7, Status.LOW_ACCEPTANCE),
+            row(3e-4, 0.9, Status.DIVERGED, diverged=1), row(1e-3, 0.95, gamma=10.0)]
+    assert _first_pilot_step(rows, chosen) == 3e-5  # acceptance 0.85 ≥ START_ACCEPTANCE
+    assert _first_pilot_step([chosen], chosen) == 1e-5
