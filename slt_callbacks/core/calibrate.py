@@ -69,14 +69,18 @@ themselves: pilot chains (``num_chains`` of them, from w*, no burn-in, the same 
 at the largest healthy step of the chosen series (the fastest mixing), their length T
 doubles from twice the screening length until the chains at ε/2 are stationary
 (:func:`~slt_callbacks.core.mixing.assess_mixing`: λ̂ over [T/2, T) within ``max_trend``
-of λ̂ over [T/4, T/2), one standard error included, and an effective sample size of at
+of λ̂ over [T/4, T/2), half a standard error included, and an effective sample size of at
 least ``min_ess`` from the integrated autocorrelation time); then ε runs at the same T,
-and the config is accepted (``verified=True``) when halving ε moved λ̂ by less than the
-full estimate's standard error (std of per-chain λ̂ / √``base.num_chains``): the
-stability target itself, at the length the config will run. A disagreement is diagnosed
-by running ε/2 for 2T, the same simulated time: if λ̂ then agrees the fine chains were
-under-mixed (T doubles), else the step size biases λ̂ (ε halves, at most ``max_halvings``
-times). Directions along which L is exactly constant (the GL(r) symmetry orbits of a deep
+and the config is accepted (``verified=True``) when halving ε moved λ̂, plus one paired
+standard error, by less than the full estimate's standard error (std of per-chain λ̂ /
+√``base.num_chains``): the stability target itself, at the length the config will
+run. A disagreement is diagnosed by running ε/2 for 2T, the same simulated time: if λ̂
+then agrees the fine chains were under-mixed (T doubles), else the step size biases λ̂
+(ε halves, at most ``max_halvings`` times, and T doubles with it: the same simulated time
+ε·T, so chains at a smaller step are never judged before they have travelled as far).
+Coarse chains that drift while the fine ones look stationary are told apart the same way
+(ε/2 for 2T: still moving → T doubles; settled → ε halves). Directions along which L is
+exactly constant (the GL(r) symmetry orbits of a deep
 linear network) do not change λ̂ and need not be mixed; only their effect on it is tested
 (chains drifting along them into stiffer regions read λ̂ high and fail the trend test at
 the coarse step, which then halves). The recommended config has burn-in = draws = T/2.
@@ -667,6 +671,9 @@ def settle(
         else:
             history.append(f"at ε = {eps:.3g} the chains are {coarse.mixing.reason}, while "
                            "at ε/2 they are stationary")
+            if _fine_still_moving(run, fine, eps, steps, max_steps, num_chains, history):
+                steps *= 2
+                continue
         if halvings == max_halvings:
             return _unsettled(best, f"no agreement within {max_halvings} halvings of ε",
                               history)
@@ -685,6 +692,24 @@ class _Candidate(NamedTuple):
     num_steps: int
     llc: float
     pair: bool
+
+
+def _fine_still_moving(run: PilotFn, fine: PilotRun, eps: float, steps: int, max_steps: int,
+                       num_chains: int, history: list[str]) -> bool:
+    """Coarse chains drifting while the fine ones look stationary: either the coarse ones
+    wander into stiffer regions (halve ε) or the fine ones still sit on the plateau of
+    chains that have not left w* (a slow relaxation looks flat). ε/2 run for 2T tells:
+    if λ̂ moves by more than its standard error or is no longer stationary, T doubles."""
+    if 2 * steps > max_steps:
+        return False
+    longer = run(eps / 2, 2 * steps)
+    target = fine.mixing.llc_std / math.sqrt(num_chains)
+    moving = (not longer.mixing.stationary
+              or abs(longer.mixing.llc - fine.mixing.llc) > target)
+    history.append(f"ε/2 run for {2 * steps} steps reads {longer.mixing.llc:.4g}"
+                   + (": the fine chains were still relaxing, so T doubles" if moving
+                      else ": the fine chains are settled, so ε halves"))
+    return moving
 
 
 def _under_mixed(run: PilotFn, coarse: PilotRun, eps: float, steps: int, max_steps: int,
@@ -1008,10 +1033,11 @@ def length_rule_text(max_trend: float, min_ess: float) -> str:
     return (
         "Then, from that step size: double the chain length T until chains at ε/2 are "
         f"stationary (λ̂ over [T/2, T) within {max_trend:.0%} of λ̂ over [T/4, T/2), "
-        f"including one standard error, and ESS ≥ {min_ess:g}), run ε at the same T, and "
-        "accept when halving ε moves λ̂ by less than the full estimate's standard error "
-        "(chain std/√num_chains); otherwise halve ε and repeat. The config's burn-in and "
-        "draws are T/2 each."
+        f"including half a standard error, and ESS ≥ {min_ess:g}), run ε at the same T, "
+        "and accept when halving ε moves λ̂, plus one paired standard error, by less than "
+        "the full estimate's standard error (chain std/√num_chains); otherwise run ε/2 for "
+        "2T (the same simulated time): if that agrees, double T, else halve ε (and double "
+        "T). The config's burn-in and draws are T/2 each."
     )
 
 
