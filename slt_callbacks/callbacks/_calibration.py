@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from slt_callbacks.core.autocal import AutoCalibration
+from slt_callbacks.core.autocal import AutoCalibration, calibration_options
 from slt_callbacks.core.calibrate import Calibration, calibrate
 from slt_callbacks.core.config import SGLDConfig
 from slt_callbacks.plots import plot_calibration
@@ -107,7 +107,8 @@ def _calibrate(
     seed: int,
     step: int,
 ) -> Calibration:
-    options = {"on_failure": "ignore", **options}
+    options = calibration_options({"on_failure": "ignore", **options},
+                                  options.get("base") or SGLDConfig())
     options.setdefault("seed", derive_seed(seed, step, 0, "calibrate"))
     # Through `attempt` and the gather: a failure on one rank fails the step on all.
     attempted = attempt(calibrate, pl_module, loss_fn, batches, **options,

@@ -16,15 +16,26 @@ them, which would then bias every later estimate at a true minimum low. So the p
    suit this model, and a calibration is the fix). A ``not_a_minimum`` estimate (a saddle)
    or a ``not_converged`` one defers. Attempts back off: the 1st, 2nd, 4th, 8th, …
    triggering estimate, at most ``max_attempts`` calibrations in a run.
-4. **Freeze** the calibrated config when the calibration is verified (a flat region in ε)
-   and w* looked like a minimum: no grid point at a smaller γ than the chosen one read
-   ``not_a_minimum`` (the chains did not have to be held back from escaping).
+4. **Freeze** the calibrated config when the calibration is verified (stationary pilot
+   chains at the chosen length, and halving ε moved λ̂ by less than the estimate's standard
+   error; see :func:`~slt_callbacks.core.calibrate.settle`) and w* looked like a minimum: no
+   grid point at a smaller γ than the chosen one read ``not_a_minimum`` (the chains did not
+   have to be held back from escaping). The frozen config is the calibration's in full:
+   ε, γ *and* the chain length it chose (``num_burnin_steps``, ``num_draws``), so every
+   later estimate runs chains as long as the ones that were shown to mix.
 5. Otherwise stay provisional and try again later; a verified calibration at a saddle
    becomes the new provisional config (its step size suits the model; its γ holds the
    chains at saddles, so later provisional estimates are sane numbers, still flagged).
    After the last attempt the run keeps the provisional config for good (``status =
    "fallback"``), never silently: the decision says so, and the monitor warns and writes
    it into the run config.
+
+**Budget.** Inside a training run the chain-length phase gets a smaller budget than
+:func:`~slt_callbacks.core.calibrate.calibrate`'s default: pilot chains of at most
+:data:`AUTO_MAX_STEPS_FACTOR` × the provisional chain length (``num_burnin_steps +
+num_draws``), at least twice the screening length; pass ``calibration={"max_steps": ...}``
+to change it (:func:`calibration_options`). A model that needs longer chains gets an
+unverified calibration, and the policy says so instead of freezing it.
 
 :class:`AutoCalibration` holds the state (attempts, the frozen config) and is saved in
 checkpoints; :meth:`AutoCalibration.decide` is the decision, a function of the calibration's
@@ -33,6 +44,7 @@ table only, tested on synthetic tables.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,9 +53,31 @@ from .calibrate import Calibration
 from .config import SGLDConfig
 from .diagnostics import Status
 
-__all__ = ["AutoCalibration", "AutoDecision", "escaped_below"]
+__all__ = ["AUTO_MAX_STEPS_FACTOR", "AutoCalibration", "AutoDecision", "calibration_options",
+           "escaped_below"]
 
 AutoStatus = Literal["calibrated", "provisional", "fallback"]
+
+AUTO_MAX_STEPS_FACTOR = 32
+"""Longest pilot chain of a calibration inside a run, in units of the provisional length."""
+
+
+def calibration_options(options: Mapping[str, Any], provisional: SGLDConfig) -> dict[str, Any]:
+    """The keyword arguments of ``calibrate`` inside a run: ``options`` as given, plus the
+    run's budget for the chain-length phase when ``max_steps`` is not set (see the module
+    docstring), never below twice the screening chains' length.
+
+    Example:
+        >>> calibration_options({}, SGLDConfig())["max_steps"]   # 32 × (100 + 200)
+        9600
+        >>> calibration_options({"max_steps": None}, SGLDConfig())["max_steps"] is None
+        True
+    """
+    out = dict(options)
+    if "max_steps" not in out:
+        screen = 2 * (out.get("num_burnin_steps", 500) + out.get("num_draws", 500))
+        out["max_steps"] = max(AUTO_MAX_STEPS_FACTOR * provisional.num_steps, screen)
+    return out
 
 
 @dataclass(frozen=True)

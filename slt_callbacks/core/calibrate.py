@@ -1,5 +1,5 @@
-r"""Choose the SGLD step size and localization of an LLC estimate from short trial chains,
-and say why.
+r"""Choose the SGLD step size, localization and chain length of an LLC estimate from trial
+chains, and say why.
 
 An LLC estimate (Lau et al. 2023) is only as good as its step size ε. Too small, and the
 chains have not left w* by the end of burn-in: λ̂ is biased *low* and rises as ε grows.
@@ -53,13 +53,43 @@ is measured with a paired standard error 2–4× smaller than the unpaired one. 
 then a sharp test, not a test that passes because short chains are noisy.
 
 If no run of two agreeing points exists (the plateau is narrower than the grid spacing, or
-the calibration chains are too short to reach it), the largest healthy step is recommended
-and the calibration is marked ``verified=False``: without a plateau, λ̂(ε) of short chains
-rises with ε because small steps have not mixed (biased low), while the health checks
-(acceptance ≥ 0.9) already exclude the coarse steps that bias it high. If no point is
-healthy, ``config`` is None and ``reason`` says what to change. Both warn by default
-(``on_failure="warn"``), like an unhealthy LLC estimate; ``on_failure="raise"`` raises
-:class:`CalibrationError` instead.
+the calibration chains are too short to reach it), the largest healthy step is recommended:
+without a plateau, λ̂(ε) of short chains rises with ε because small steps have not mixed
+(biased low), while the health checks (acceptance ≥ 0.9) already exclude the coarse steps
+that bias it high. If no point is healthy, ``config`` is None and ``reason`` says what to
+change.
+
+**Chain length, then ε at equal length** (:func:`settle`; skipped with ``max_steps=None``).
+The screen's short chains cannot tell a mixed chain from one that has not left w*: at a
+singular minimum λ̂ first sits on a plateau of the regular directions, then rises over tens
+of thousands of steps as the chains fill the directions where L grows only at high order
+(a depth-3 deep linear network: ≈ x⁶, posterior width (nβ)^(−1/6)); a flat stretch of
+λ̂(ε) among short chains can be that plateau. So the chain length is chosen from the chains
+themselves: pilot chains (``num_chains`` of them, from w*, no burn-in, the same seed) start
+at the largest healthy step of the chosen series (the fastest mixing), their length T
+doubles from twice the screening length until the chains at ε/2 are stationary
+(:func:`~slt_callbacks.core.mixing.assess_mixing`: λ̂ over [T/2, T) within ``max_trend``
+of λ̂ over [T/4, T/2), half a standard error included, and an effective sample size of at
+least ``min_ess`` from the integrated autocorrelation time); then ε runs at the same T,
+and the config is accepted (``verified=True``) when halving ε moved λ̂, plus one paired
+standard error, by less than the full estimate's standard error (std of per-chain λ̂ /
+√``base.num_chains``): the stability target itself, at the length the config will
+run. A disagreement is diagnosed by running ε/2 for 2T, the same simulated time: if λ̂
+then agrees the fine chains were under-mixed (T doubles), else the step size biases λ̂
+(ε halves, at most ``max_halvings`` times, and T doubles with it: the same simulated time
+ε·T, so chains at a smaller step are never judged before they have travelled as far).
+Coarse chains that drift while the fine ones look stationary are told apart the same way
+(ε/2 for 2T: still moving → T doubles; settled → ε halves). Directions along which L is
+exactly constant (the GL(r) symmetry orbits of a deep
+linear network) do not change λ̂ and need not be mixed; only their effect on it is tested
+(chains drifting along them into stiffer regions read λ̂ high and fail the trend test at
+the coarse step, which then halves). The recommended config has burn-in = draws = T/2.
+Within ``max_steps`` (the longest pilot chain; the phase costs at most a few times
+``num_chains · max_steps`` gradient evaluations per halving) the rule may not verify; it
+then returns the stationary (ε, ε/2) pair closest to agreement, ``verified=False``.
+
+An unverified choice or no choice warns by default (``on_failure="warn"``), like an
+unhealthy LLC estimate; ``on_failure="raise"`` raises :class:`CalibrationError` instead.
 
 The default grid is centred on the primer's heuristic ε·nβ·λ_max = 0.1, spanning 1e-3 to 3
 in half-decades, with λ_max from a few power iterations of Hessian-vector products. At a
@@ -80,7 +110,7 @@ import numbers
 import statistics
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -98,6 +128,7 @@ from .functional import (
     trainable_parameters,
 )
 from .llc import LLCResult, OnFailure, estimate_llc
+from .mixing import Halving, Mixing, assess_mixing, compare_halving
 
 __all__ = [
     "DEFAULT_LOCALIZATIONS",
@@ -106,8 +137,11 @@ __all__ = [
     "CalibrationError",
     "CalibrationPoint",
     "Choice",
+    "PilotRun",
+    "Settled",
     "calibrate",
     "choose",
+    "settle",
     "top_hessian_eigenvalue",
 ]
 
@@ -219,17 +253,43 @@ class CalibrationPoint:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PilotRun:
+    """One long calibration run of the chain-length phase (see :func:`calibrate`): chains
+    from w* with no burn-in, judged by :func:`~slt_callbacks.core.mixing.assess_mixing`.
+
+    Attributes:
+        step_size: ε.
+        localization: γ.
+        n_beta: nβ actually used.
+        num_steps: T; the estimate is λ̂ over ``[T/2, T)``.
+        mixing: the stationarity verdict (λ̂, trend, τ, ESS).
+        acceptance: mean MALA-style acceptance over all T steps.
+        seconds: wall time.
+    """
+
+    step_size: float
+    localization: float
+    n_beta: float
+    num_steps: int
+    mixing: Mixing
+    acceptance: float = float("nan")
+    seconds: float = float("nan")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Calibration:
     """The outcome of :func:`calibrate`: a recommended config, and the evidence for it.
 
     Attributes:
         config: the recommended :class:`~slt_callbacks.core.config.SGLDConfig`: ``base`` with
-            the chosen ``step_size`` (and ``n_beta`` / ``localization`` where those were
-            swept). None when no grid point was healthy.
+            the chosen ``step_size``, ``localization`` (and ``n_beta`` where swept) and,
+            after the chain-length phase, ``num_burnin_steps`` = ``num_draws`` = T/2. None
+            when no grid point was healthy or no pilot chains were stationary.
         table: every grid point, sorted by localization, nβ, then step size.
         chosen_index: index of the recommended point in ``table``, or None.
-        verified: True when the chosen point lies in a flat region (see :func:`choose`);
-            False when it is a fallback or there is none.
+        verified: True when the chain-length phase verified the choice (stationary
+            chains at ε and ε/2, halving within the standard error; see :func:`settle`),
+            or, with ``max_steps=None``, when the screen found a flat region (``flat``).
         rule: the selection rule, as a sentence.
         reason: why this point (or why none), with advice.
         grid: how the step sizes were chosen.
@@ -237,6 +297,10 @@ class Calibration:
             power iteration; nan when not estimated.
         criteria: the health thresholds the table was judged by.
         seconds: wall time of the whole calibration.
+        pilots: the long runs of the chain-length phase, in the order they ran (empty when
+            ``max_steps=None``).
+        flat: whether the screening grid showed a flat region in ε (``verified`` when
+            the chain-length phase did not run).
     """
 
     config: SGLDConfig | None
@@ -249,6 +313,8 @@ class Calibration:
     top_eigenvalue: float = float("nan")
     criteria: HealthCriteria = field(default_factory=lambda: _HEALTHY_CRITERIA)
     seconds: float = float("nan")
+    pilots: tuple[PilotRun, ...] = ()
+    flat: bool = False
 
     @property
     def chosen(self) -> CalibrationPoint | None:
@@ -268,8 +334,26 @@ class Calibration:
                 f"{p.num_diverged}/{p.num_chains}", p.status.value, "**←**" if p.chosen else "",
             ]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"Grid: {self.grid}", f"Rule: {self.rule}", f"Choice: {self.reason}"]
+        lines += ["", f"Grid: {self.grid}"]
+        if self.pilots:
+            lines += ["", "Chain length and halving (pilot chains from w*, no burn-in; λ̂ over "
+                      "[T/2, T), trend = λ̂[T/2, T) − λ̂[T/4, T/2)):", "", _pilot_head(),
+                      "|" + "---|" * 10, *(_pilot_row(p) for p in self.pilots)]
+        lines += ["", f"Rule: {self.rule}", f"Choice: {self.reason}"]
         return "\n".join(lines)
+
+
+def _pilot_head() -> str:
+    return ("| ε | γ | steps | λ̂ | std | trend ± se | τ | ESS | acceptance | stationary |")
+
+
+def _pilot_row(p: PilotRun) -> str:
+    m = p.mixing
+    cells = [f"{p.step_size:.3g}", f"{p.localization:g}", str(p.num_steps),
+             _fmt(m.llc, ".4g"), _fmt(m.llc_std, ".3g"),
+             f"{_fmt(m.trend, '+.3g')} ± {_fmt(m.trend_se, '.2g')}", _fmt(m.tau, ".0f"),
+             _fmt(m.ess, ".0f"), _fmt(p.acceptance, ".3f"), "yes" if m.stationary else "no"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -509,6 +593,213 @@ def _no_healthy_reason(table: Sequence[CalibrationPoint]) -> str:
     )
 
 
+# --------------------------------------------------------------------------- chain length
+
+
+class Settled(NamedTuple):
+    """What :func:`settle` returns.
+
+    Attributes:
+        step_size: the recommended ε, or None when no pilot was stationary.
+        num_steps: the chain length T (burn-in T/2, draws T/2), or None.
+        verified: whether halving ε moved λ̂ by less than the full estimate's standard
+            error, with both chains stationary at T.
+        reason: a sentence saying why, with the numbers.
+    """
+
+    step_size: float | None
+    num_steps: int | None
+    verified: bool
+    reason: str
+
+
+PilotFn = Callable[[float, int], PilotRun]
+
+
+def settle(
+    run: PilotFn,
+    step_size: float,
+    *,
+    min_steps: int,
+    max_steps: int,
+    max_halvings: int,
+    num_chains: int,
+) -> Settled:
+    """The chain-length rule: choose T from the chains, then ε by halving at equal T.
+
+    ``run(ε, T)`` gives a :class:`PilotRun` (same seed every call). Starting at
+    ``step_size`` (the largest healthy step of the screening grid: the fastest mixing),
+    each round
+
+    1. doubles T from the current length (first ``min_steps``) until the chains at **ε/2**
+       are stationary (:func:`~slt_callbacks.core.mixing.assess_mixing`), never beyond
+       ``max_steps``; ε/2 is the slower of the pair, so T then suffices for both;
+    2. runs ε at the same T and compares (:func:`~slt_callbacks.core.mixing.compare_halving`):
+       if both are stationary and λ̂ moved by less than the full estimate's standard error
+       (``num_chains`` chains), ε and T are the answer, verified;
+    3. otherwise tells the two causes apart by running ε/2 for 2T, the same simulated time
+       ε·T as the coarse chains: if λ̂ then agrees, the fine chains were under-mixed and T
+       doubles; if not (discretisation bias), or if the coarse chains were not stationary
+       (they drift into stiffer regions), ε halves, at most ``max_halvings`` times.
+
+    When the budget runs out, the finest step size whose chains were stationary is returned
+    with ``verified=False``; when none was, ``step_size`` and T are None.
+    """
+    eps, steps, halvings = step_size, min_steps, 0
+    best: list[_Candidate] = []  # stationary pairs (ε, ε/2 at T), else single runs
+    history: list[str] = []
+    while True:
+        fine, steps, why = _stationary_length(run, eps / 2, steps, max_steps)
+        if fine is None and why.endswith("diverged") and halvings < max_halvings:
+            history.append(why)  # too coarse for long chains: halve, same simulated time
+            eps, steps, halvings = eps / 2, 2 * steps, halvings + 1
+            continue
+        if fine is None:
+            return _unsettled(best, why, history)
+        best.append(_Candidate(math.inf, eps / 2, steps, fine.mixing.llc, False))
+        coarse = run(eps, steps)
+        if coarse.mixing.stationary:
+            halving = compare_halving(coarse.mixing, fine.mixing, num_chains=num_chains)
+            history.append(_halving_text(eps, steps, coarse.mixing, halving))
+            if halving.agree:
+                return Settled(eps, steps, True, "; ".join(history) + ".")
+            best.append(_Candidate(abs(halving.shift) / halving.target_se, eps, steps,
+                                   coarse.mixing.llc, True))
+            if _under_mixed(run, coarse, eps, steps, max_steps, num_chains, history):
+                steps *= 2
+                continue
+        else:
+            history.append(f"at ε = {eps:.3g} the chains are {coarse.mixing.reason}, while "
+                           "at ε/2 they are stationary")
+            if _fine_still_moving(run, fine, eps, steps, max_steps, num_chains, history):
+                steps *= 2
+                continue
+        if halvings == max_halvings:
+            return _unsettled(best, f"no agreement within {max_halvings} halvings of ε",
+                              history)
+        # Half the step, twice the steps: the same simulated time ε·T, so a chain at the
+        # smaller step is never judged before it has travelled as far (short chains at small
+        # steps sit on the plateau of the regular directions and look stationary).
+        eps, steps, halvings = eps / 2, 2 * steps, halvings + 1
+
+
+class _Candidate(NamedTuple):
+    """A fallback of :func:`settle`: a stationary pair (ratio = |shift| / se), else a
+    single stationary run (ratio inf)."""
+
+    ratio: float
+    step_size: float
+    num_steps: int
+    llc: float
+    pair: bool
+
+
+def _fine_still_moving(run: PilotFn, fine: PilotRun, eps: float, steps: int, max_steps: int,
+                       num_chains: int, history: list[str]) -> bool:
+    """Coarse chains drifting while the fine ones look stationary: either the coarse ones
+    wander into stiffer regions (halve ε) or the fine ones still sit on the plateau of
+    chains that have not left w* (a slow relaxation looks flat). ε/2 run for 2T tells:
+    if λ̂ moves by more than its standard error or is no longer stationary, T doubles."""
+    if 2 * steps > max_steps:
+        return False
+    longer = run(eps / 2, 2 * steps)
+    target = fine.mixing.llc_std / math.sqrt(num_chains)
+    moving = (not longer.mixing.stationary
+              or abs(longer.mixing.llc - fine.mixing.llc) > target)
+    history.append(f"ε/2 run for {2 * steps} steps reads {longer.mixing.llc:.4g}"
+                   + (": the fine chains were still relaxing, so T doubles" if moving
+                      else ": the fine chains are settled, so ε halves"))
+    return moving
+
+
+def _under_mixed(run: PilotFn, coarse: PilotRun, eps: float, steps: int, max_steps: int,
+                 num_chains: int, history: list[str]) -> bool:
+    """Whether ε/2 run for 2T (the coarse chains' simulated time) agrees with ε at T: the
+    disagreement at equal T was then the fine chains' slower mixing, not the step size."""
+    if 2 * steps > max_steps:
+        return False
+    longer = run(eps / 2, 2 * steps)
+    same_time = compare_halving(coarse.mixing, longer.mixing, num_chains=num_chains,
+                                margin=False)  # other lengths, other streams: not paired
+    history.append(
+        f"ε/2 run for {2 * steps} steps (the same simulated time) reads {longer.mixing.llc:.4g}"
+        + (": under-mixed, so T doubles" if same_time.agree else ": the step size biases λ̂, "
+           "so ε halves"))
+    return same_time.agree
+
+
+def _stationary_length(
+    run: PilotFn, eps: float, steps: int, max_steps: int
+) -> tuple[PilotRun | None, int, str]:
+    """The first T (doubling from ``steps``, at most ``max_steps``) at which the chains at
+    ``eps`` are stationary; None with the reason if there is none."""
+    last = None
+    while steps <= max_steps:
+        last = run(eps, steps)
+        m = last.mixing
+        if m.stationary:
+            return last, steps, ""
+        if not math.isfinite(m.llc):
+            return None, steps, f"at ε = {eps:.3g}, T = {steps} some chain diverged"
+        if m.llc <= 0:
+            return None, steps, (f"at ε = {eps:.3g}, T = {steps} λ̂ = {m.llc:.3g} ≤ 0: the "
+                                 "chains escape below L_n(w*) in long runs (no minimum at "
+                                 "this γ)")
+        steps *= 2
+    why = (f"the budget max_steps = {max_steps} is too short for stationary chains at "
+           f"ε = {eps:.3g}" + (f" ({last.mixing.reason})" if last else ""))
+    return None, steps, why
+
+
+def _halving_text(eps: float, steps: int, coarse: Mixing, h: Halving) -> str:
+    verdict = "<" if h.agree else ">"
+    return (f"at T = {steps} steps (burn-in {steps // 2}), halving ε = {eps:.3g} moved λ̂ "
+            f"from {coarse.llc:.4g} by {-h.shift:+.3g} (paired se {h.shift_se:.2g}), "
+            f"{verdict} the full estimate's standard error {h.target_se:.2g}")
+
+
+def _unsettled(best: list[_Candidate], why: str, history: list[str]) -> Settled:
+    prefix = "; ".join(history) + "; " if history else ""
+    if not best:
+        return Settled(None, None, False, f"{prefix}{why}: no chain length verified.")
+    # The pair closest to agreement (its ε/2 was stationary at T too), else the finest
+    # stationary single run.
+    pick = min(best, key=lambda c: (c.ratio, c.step_size))
+    what = (f"the stationary pair closest to agreement (halving moved λ̂ by {pick.ratio:.2g} "
+            "standard errors)" if pick.pair else
+            "the finest step size whose chains were stationary")
+    return Settled(pick.step_size, pick.num_steps, False, (
+        f"{prefix}{why}. Not verified: chose {what}, ε = {pick.step_size:.3g} with "
+        f"T = {pick.num_steps} steps (λ̂ = {pick.llc:.4g}); raise `max_steps` to verify it."))
+
+
+class _Pilots:
+    """Runs and remembers the pilot chains of one calibration: ``(ε, T) -> PilotRun``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: list[Any],
+                 config: SGLDConfig, seed: int, mixing: dict[str, float]) -> None:
+        self.model, self.loss_fn, self.batches = model, loss_fn, batches
+        self.config, self.seed, self.mixing = config, seed, mixing
+        self.runs: list[PilotRun] = []
+        self._cache: dict[tuple[float, int], PilotRun] = {}
+
+    def __call__(self, eps: float, steps: int) -> PilotRun:
+        key = (eps, steps)
+        if key not in self._cache:
+            config = replace(self.config, step_size=eps, num_burnin_steps=0, num_draws=steps)
+            result = estimate_llc(self.model, self.loss_fn, self.batches, config=config,
+                                  seed=self.seed, on_failure="ignore")
+            trace = result.n_beta * (result.loss_trace.double()
+                                     - result.baseline_trace.double())  # (chain, draw)
+            pilot = PilotRun(step_size=eps, localization=config.localization,
+                             n_beta=result.n_beta, num_steps=steps,
+                             mixing=assess_mixing(trace, **self.mixing),
+                             acceptance=result.acceptance, seconds=result.seconds)
+            self._cache[key] = pilot
+            self.runs.append(pilot)
+        return self._cache[key]
+
+
 # --------------------------------------------------------------------------- curvature
 
 
@@ -533,18 +824,24 @@ def calibrate(
     num_std_errors: float = 2.0,
     criteria: HealthCriteria | None = None,
     num_power_iterations: int = 20,
+    max_steps: int | None = 64_000,
+    max_halvings: int = 3,
+    max_trend: float = 0.1,
+    min_ess: float = 100.0,
     on_failure: OnFailure = "warn",
 ) -> Calibration:
-    """Choose the SGLD step size and localization (optionally nβ) for LLC estimates of
-    ``model``.
+    """Choose the SGLD step size, localization and chain length (optionally nβ) for LLC
+    estimates of ``model``.
 
-    Runs one short LLC estimate per grid point (``step_sizes`` × ``n_betas`` ×
-    ``localizations``), judges each with the health checks, and applies :func:`choose`: the
-    largest step size of the region where λ̂ does not depend on the step size, at the
-    smallest localization that has such a region (with ``localizations`` unset, the γ
-    ladder :data:`DEFAULT_LOCALIZATIONS` is walked upward and stops there). The module
-    docstring states the rule and why; :meth:`Calibration.to_markdown` and
-    :func:`slt_callbacks.plots.plot_calibration` show the evidence.
+    Screen: one short LLC estimate per grid point (``step_sizes`` × ``n_betas`` ×
+    ``localizations``), judged by the health checks; :func:`choose` picks the series (the
+    smallest γ whose chains stay local: with ``localizations`` unset, the γ ladder
+    :data:`DEFAULT_LOCALIZATIONS` is walked upward and stops there). Then the chain-length
+    phase (:func:`settle`): pilot chains from the largest healthy step of that series,
+    lengthened until stationary, ε halved until halving moves λ̂ by less than the full
+    estimate's standard error. The module docstring states the rule and why;
+    :meth:`Calibration.to_markdown` and :func:`slt_callbacks.plots.plot_calibration` show
+    the evidence.
 
     Calibrate once, at a representative checkpoint (a trained model, not the random
     initialisation), and keep the resulting config for every checkpoint of the run: LLC
@@ -581,9 +878,16 @@ def calibrate(
         criteria: health thresholds; default ``HealthCriteria(min_acceptance=0.9)``.
         num_power_iterations: Hessian-vector products spent on λ_max; 0 skips it (then the
             default grid is :data:`DEFAULT_STEP_SIZES`).
-        on_failure: when no verified step size exists (no healthy point, or no flat
-            region): ``"warn"`` (default) and return, ``"raise"`` :class:`CalibrationError`,
-            or ``"ignore"``.
+        max_steps: the longest pilot chain of the chain-length phase (see the module
+            docstring), at least ``2 · (num_burnin_steps + num_draws)``; None skips the
+            phase: the chain length is ``base``'s and ``verified`` means a flat region of
+            the screen.
+        max_halvings: times the chain-length phase may halve ε.
+        max_trend: tolerated relative trend of λ̂ between [T/4, T/2) and [T/2, T).
+        min_ess: effective draws over all pilot chains required for stationarity.
+        on_failure: when no verified config exists (no healthy point, or the chain-length
+            phase did not verify): ``"warn"`` (default) and return, ``"raise"``
+            :class:`CalibrationError`, or ``"ignore"``.
 
     Returns:
         A :class:`Calibration`; ``.config`` is None when no grid point was healthy.
@@ -598,7 +902,8 @@ def calibrate(
         >>> data = [(x[i:i + 256], model(x[i:i + 256]).detach()) for i in range(0, 1024, 256)]
         >>> loss_fn = lambda m, b: 0.5 * ((m(b[0]) - b[1]) ** 2).sum(-1).mean()
         >>> cal = calibrate(model, loss_fn, data, base=SGLDConfig(localization=1.0),
-        ...                 num_draws=100, num_burnin_steps=50, on_failure="ignore")
+        ...                 num_draws=100, num_burnin_steps=50, max_steps=None,
+        ...                 on_failure="ignore")   # the screen only (fast)
         >>> cal.config is None or cal.config.step_size in [p.step_size for p in cal.table]
         True
     """
@@ -613,6 +918,8 @@ def calibrate(
             f"{type(criteria).__name__}."
         )
     choose([], max_slope=max_slope, num_std_errors=num_std_errors)  # validates both
+    _check_length_arguments(max_steps, max_halvings, max_trend, min_ess,
+                            2 * (num_burnin_steps + num_draws))
     steps = None if step_sizes is None else _check_grid("step_sizes", step_sizes)
     betas = [base.n_beta] if n_betas is None else _check_grid("n_betas", n_betas)
     ladder = (list(DEFAULT_LOCALIZATIONS) if localizations is None
@@ -668,28 +975,112 @@ def calibrate(
         grid_note += (f" γ ladder {', '.join(f'{g:g}' for g in DEFAULT_LOCALIZATIONS)}, "
                       f"smallest first, stopped at γ = {tried[-1]:g}.")
 
-    index, reason, verified = choose(rows, max_slope=max_slope, num_std_errors=num_std_errors)
-    recommended = None
+    index, reason, flat = choose(rows, max_slope=max_slope, num_std_errors=num_std_errors)
+    recommended, verified, pilots = None, flat, ()
     if index is not None:
         rows[index] = replace(rows[index], chosen=True)
         p = rows[index]
         recommended = replace(base, step_size=p.step_size, localization=p.localization,
                               n_beta=base.n_beta if n_betas is None else p.n_beta)
+        if max_steps is not None:
+            length = LengthRule(max_steps=max_steps, max_halvings=max_halvings,
+                                max_trend=max_trend, min_ess=min_ess,
+                                min_steps=2 * (num_burnin_steps + num_draws))
+            pilots_fn = _Pilots(model, loss_fn, batches,
+                                replace(recommended, num_chains=num_chains), seed,
+                                length.mixing_options)
+            first = _first_pilot_step(rows, p)
+            recommended, verified, reason = _choose_length(recommended, first, reason, length,
+                                                           pilots_fn, base.num_chains)
+            pilots = tuple(pilots_fn.runs)
     calibration = Calibration(
         config=recommended,
         table=tuple(rows),
         chosen_index=index,
         verified=verified,
         rule=rule_text(max_slope=max_slope, num_std_errors=num_std_errors,
-                       min_acceptance=criteria.min_acceptance),
+                       min_acceptance=criteria.min_acceptance)
+        + ("" if max_steps is None else " " + length_rule_text(max_trend, min_ess)),
         reason=reason,
         grid=grid_note,
         top_eigenvalue=lam_max,
         criteria=criteria,
         seconds=time.perf_counter() - start,
+        pilots=pilots,
+        flat=flat,
     )
     _handle_failure(calibration, on_failure)
     return calibration
+
+
+@dataclass(frozen=True)
+class LengthRule:
+    """The budget and tolerances of the chain-length phase (see :func:`settle`)."""
+
+    max_steps: int
+    max_halvings: int
+    max_trend: float
+    min_ess: float
+    min_steps: int
+
+    @property
+    def mixing_options(self) -> dict[str, float]:
+        return {"max_trend": self.max_trend, "min_ess": self.min_ess}
+
+
+def length_rule_text(max_trend: float, min_ess: float) -> str:
+    """The chain-length rule of :func:`settle`, as one sentence."""
+    return (
+        "Then, from that step size: double the chain length T until chains at ε/2 are "
+        f"stationary (λ̂ over [T/2, T) within {max_trend:.0%} of λ̂ over [T/4, T/2), "
+        f"including half a standard error, and ESS ≥ {min_ess:g}), run ε at the same T, "
+        "and accept when halving ε moves λ̂, plus one paired standard error, by less than "
+        "the full estimate's standard error (chain std/√num_chains); otherwise run ε/2 for "
+        "2T (the same simulated time): if that agrees, double T, else halve ε (and double "
+        "T). The config's burn-in and draws are T/2 each."
+    )
+
+
+START_ACCEPTANCE = 0.8
+"""The chain-length phase starts at the largest screened step of the chosen series whose
+chains stayed finite and local with at least this acceptance: below the screen's 0.9,
+because the phase itself halves a step that biases λ̂, and a coarse start is what keeps
+it from judging chains at small steps that have not yet left w*."""
+
+
+def _first_pilot_step(rows: Sequence[CalibrationPoint], chosen: CalibrationPoint) -> float:
+    """The step the chain-length phase starts from (see :data:`START_ACCEPTANCE`)."""
+    usable = [
+        q.step_size for q in rows
+        if q.n_beta == chosen.n_beta and q.localization == chosen.localization
+        and q.num_diverged == 0 and math.isfinite(q.llc_mean) and q.llc_mean > 0
+        and q.status is not Status.NOT_A_MINIMUM and q.acceptance >= START_ACCEPTANCE
+    ]
+    return max([chosen.step_size, *usable])
+
+
+def _choose_length(
+    screened: SGLDConfig,
+    start: float,
+    screen_reason: str,
+    rule: LengthRule,
+    pilots: PilotFn,
+    num_chains: int,
+) -> tuple[SGLDConfig | None, bool, str]:
+    """Run :func:`settle` from ``start`` (:func:`_first_pilot_step`: the fastest-mixing
+    chains; a flat region of short chains may be a plateau of chains that have not yet left
+    w*); the config with the chosen ε and chain length, whether it is verified, and the
+    reason (the screen's, then the length's)."""
+    settled = settle(pilots, start, min_steps=rule.min_steps,
+                     max_steps=rule.max_steps, max_halvings=rule.max_halvings,
+                     num_chains=num_chains)
+    reason = f"Screen: {screen_reason} Chain length: {settled.reason}"
+    if settled.step_size is None or settled.num_steps is None:
+        return None, False, reason + " No config is recommended."
+    steps = settled.num_steps
+    config = replace(screened, step_size=settled.step_size, num_burnin_steps=steps // 2,
+                     num_draws=steps - steps // 2)
+    return config, settled.verified, reason
 
 
 def _plan(
@@ -849,6 +1240,20 @@ def _check_arguments(
             "Expected argument `on_failure` to be 'warn', 'raise' or 'ignore' but got "
             f"{on_failure!r}."
         )
+
+
+def _check_length_arguments(max_steps: Any, max_halvings: Any, max_trend: Any, min_ess: Any,
+                            min_steps: int) -> None:
+    if max_steps is not None:
+        check_int("max_steps", max_steps, minimum=8)
+        if max_steps < min_steps:
+            raise ValueError(
+                f"Expected argument `max_steps` to be None or at least 2 × (num_burnin_steps "
+                f"+ num_draws) = {min_steps} (the first pilot length) but got {max_steps}."
+            )
+    check_int("max_halvings", max_halvings, minimum=0)
+    check_number("max_trend", max_trend)
+    check_number("min_ess", min_ess)
 
 
 def _check_grid(name: str, values: Any, *, allow_zero: bool = False) -> list[float]:

@@ -7,8 +7,10 @@ test either always passes or always fails on a given PyTorch build.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -209,32 +211,59 @@ def test_restricted_llc_equals_llc_of_the_reduced_model():
     assert restricted.llc_mean == pytest.approx(full.llc_mean, rel=0.15)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("widths", "r"),
-    [
-        ((4, 3, 5), 1),
-        pytest.param((4, 3, 3, 4), 1, marks=pytest.mark.xfail(strict=False, reason=(
-            "measured on main after the per-slot noise streams of issue #10: 3.60 against "
-            "5.5 (-35%; 5.34 on the old streams): the calibrated ε is not stable (issue #9, "
-            "open)"))),
-        ((3, 3, 3, 3, 3), 1),
-    ],
-    ids=["depth2", "depth3", "depth4"],
-)
-def test_calibrated_config_on_deep_linear_networks(widths, r):
-    """calibrate() at its defaults (γ ladder, ε grid, chain lengths) on minimal-rank deep
-    linear networks, then a full 4 × 10k estimate with its choice: within 20% of Aoyagi's
-    λ (issue #9's target; benchmarks/results/calibration_cpu.md has the measured errors),
-    and the chosen γ is the smallest rung, 1, since w* is a true minimum."""
+_SEED1 = pytest.mark.xfail(strict=False, reason=(
+    "measured with the chain-length rule (benchmarks/results/calibration_cpu.md): 4.361 "
+    "against 5.5 (-20.7%), halving shift 4.1 se, unverified: the pilots stopped at "
+    "T = 4000 (issue #9, open)"))
+DLN_CASES = [((4, 3, 5), 1, 0), ((4, 3, 3, 4), 1, 0),
+             pytest.param((4, 3, 3, 4), 1, 1, marks=_SEED1), ((3, 3, 3, 3, 3), 1, 0)]
+DLN_IDS = ["depth2", "depth3", "depth3_seed1", "depth4"]
+
+
+@functools.cache
+def calibrated_dln(widths, r, seed):
+    """calibrate() at its defaults (γ ladder, ε grid, chain-length phase) on a minimal-rank
+    deep linear network, then the full estimate at its choice and at half its ε (same
+    chain length, same seed): ``(calibration, λ̂, λ̂ at ε/2)``. Cached: the accuracy and
+    the stability test share one calibration (several minutes each)."""
     from slt_callbacks.core.calibrate import calibrate
 
     model = minimal_rank_deep_linear_teacher(widths, r, seed=0)
     data = regression_data(model, widths[0], n=N)
-    base = SGLDConfig(n_beta=wbic_n_beta(N), num_chains=4, num_draws=10_000,
-                      num_burnin_steps=1000)
-    cal = calibrate(model, mse_half, data, base=base, seed=0, on_failure="ignore")
+    base = SGLDConfig(n_beta=wbic_n_beta(N), num_chains=4)
+    cal = calibrate(model, mse_half, data, base=base, seed=seed, on_failure="ignore")
     assert cal.config is not None, cal.to_markdown()
+    full = estimate_llc(model, mse_half, data, config=cal.config, seed=seed)
+    half = estimate_llc(model, mse_half, data, seed=seed,
+                        config=replace(cal.config, step_size=cal.config.step_size / 2))
+    return cal, full, half
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("widths", "r", "seed"), DLN_CASES, ids=DLN_IDS)
+def test_calibrated_config_on_deep_linear_networks(widths, r, seed):
+    """Within 20% of Aoyagi's λ (issue #9's target; benchmarks/results/calibration_cpu.md
+    has the measured errors), with the smallest γ of the ladder, 1, since w* is a true
+    minimum, and a chain length the calibration chose (burn-in = draws)."""
+    cal, full, _ = calibrated_dln(widths, r, seed)
     assert cal.config.localization == 1.0, cal.to_markdown()
-    result = estimate_llc(model, mse_half, data, config=cal.config, seed=0)
-    assert result.llc_mean == pytest.approx(deep_linear_lambda(widths, r), rel=0.2)
+    assert cal.config.num_burnin_steps == cal.config.num_draws, cal.to_markdown()
+    assert full.llc_mean == pytest.approx(deep_linear_lambda(widths, r), rel=0.2), (
+        cal.to_markdown())
+
+
+_UNSTABLE = pytest.mark.xfail(strict=False, reason=(
+    "measured: halving ε = 1.35e-5 (16000 + 16000) moves λ̂ 5.525 -> 5.120, 2.0 se; the "
+    "calibration says unverified (max_steps too short; issue #9, open)"))
+STABILITY_CASES = [DLN_CASES[0], pytest.param((4, 3, 3, 4), 1, 0, marks=_UNSTABLE),
+                   *DLN_CASES[2:]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("widths", "r", "seed"), STABILITY_CASES, ids=DLN_IDS)
+def test_calibrated_config_is_stable_in_the_step_size(widths, r, seed):
+    """Issue #9's stability target: halving the calibrated ε (same chain length and seed)
+    moves λ̂ by less than its standard error, chain std / √chains."""
+    cal, full, half = calibrated_dln(widths, r, seed)
+    se = full.llc_std / math.sqrt(full.config.num_chains)
+    assert abs(full.llc_mean - half.llc_mean) < se, cal.to_markdown()

@@ -101,3 +101,31 @@ def test_bad_arguments():
         AutoCalibration({"step_size": 1e-3})
     with pytest.raises(ValueError, match="`max_attempts`"):
         AutoCalibration(PROVISIONAL, max_attempts=0)
+
+
+def test_frozen_config_keeps_the_calibrated_chain_length():
+    """The calibration's config is frozen whole: its ε, γ and the chain length its pilot
+    chains were shown to mix at, not the provisional length."""
+    config = SGLDConfig(step_size=1e-5, localization=1.0, num_burnin_steps=16_000,
+                        num_draws=16_000)
+    cal = Calibration(config=config, table=AT_MINIMUM.table, chosen_index=0, verified=True,
+                      rule="r", reason="why")
+    policy = AutoCalibration(PROVISIONAL)
+    decision = policy.decide(cal, 10)
+    assert decision.frozen and decision.config == config
+    assert (decision.config.num_burnin_steps, decision.config.num_draws) == (16_000, 16_000)
+
+
+def test_run_budget_for_the_chain_length_phase():
+    from slt_callbacks.core.autocal import AUTO_MAX_STEPS_FACTOR, calibration_options
+
+    provisional = SGLDConfig(num_burnin_steps=100, num_draws=200)
+    assert calibration_options({}, provisional)["max_steps"] == AUTO_MAX_STEPS_FACTOR * 300
+    # Never below the first pilot length (twice the screening chains).
+    short = SGLDConfig(num_burnin_steps=5, num_draws=20)
+    assert calibration_options({}, short)["max_steps"] == 2000
+    assert calibration_options({"num_draws": 10, "num_burnin_steps": 5}, short
+                               )["max_steps"] == max(AUTO_MAX_STEPS_FACTOR * 25, 30)
+    # A given budget (or None: no chain-length phase) is kept.
+    assert calibration_options({"max_steps": 5000}, provisional)["max_steps"] == 5000
+    assert calibration_options({"max_steps": None}, provisional)["max_steps"] is None

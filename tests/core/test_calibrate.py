@@ -55,7 +55,7 @@ def linear_case():
     torch.set_num_threads(1)
     model, data = linear_regression()
     cal = calibrate(model, mse_half, data, base=base_config(3000),
-                    step_sizes=[3e-5, 1e-4, 3e-4, 1e-3, 1e-1], seed=0)
+                    step_sizes=[3e-5, 1e-4, 3e-4, 1e-3, 1e-1], seed=0, max_steps=None)
     return model, data, cal
 
 
@@ -83,7 +83,8 @@ def test_reduced_rank_regression_origin_auto_config_matches_closed_form():
     model = minimal_rank_teacher(2, 2, 2, 0)
     data = regression_data(model, 2, n=N)
     cal = calibrate(model, mse_half, data, base=base_config(5000),
-                    step_sizes=[1e-4, 3e-4, 1e-3, 1e-1], seed=0, on_failure="ignore")
+                    step_sizes=[1e-4, 3e-4, 1e-3, 1e-1], seed=0, on_failure="ignore",
+                    max_steps=None)
     # γ = 1 chains stay local, so the ladder stops there. λ̂ at 1e-4 is too noisy (chain
     # std 0.5) to *show* agreement with 3e-4, so the choice, the largest healthy step, is
     # unverified; the full estimate is what must be right.
@@ -116,7 +117,7 @@ def test_default_grid_is_centred_on_curvature_or_falls_back():
     1e-7..1e-2 grid at the origin of a linear network, where it vanishes. (Chains are
     kept tiny: only the grid is checked here.)"""
     short = dict(num_draws=4, num_burnin_steps=0, num_chains=2, on_failure="ignore",
-                 localizations=[1.0])
+                 localizations=[1.0], max_steps=None)
     model, data = linear_regression()
     cal = calibrate(model, mse_half, data[:2], base=base_config(10), **short)
     products = [p.step_curvature for p in cal.table]
@@ -155,6 +156,31 @@ def test_default_calibration_matches_closed_forms(case):
     assert result.llc_mean == pytest.approx(expected, rel=0.15)
 
 
+def test_chain_length_phase_returns_the_length_its_pilots_ran():
+    """The default path: after the screen, pilot chains from w* choose the chain length
+    (burn-in = draws = T/2) and ε by halving at equal length (3 -> 2 linear regression;
+    a small budget keeps it fast, so the choice may be unverified: the reason says which).
+    The rule's decisions are tested on synthetic traces in test_mixing.py."""
+    model, data = linear_regression()
+    cal = calibrate(model, mse_half, data, base=base_config(10), localizations=[1.0],
+                    step_sizes=[1e-4, 3e-4, 1e-3], num_draws=250, num_burnin_steps=250,
+                    num_chains=4, max_steps=4000, seed=0, on_failure="ignore")
+    assert cal.pilots, cal.to_markdown()
+    config = cal.config
+    assert config is not None and config.localization == 1.0 and config.num_chains == 4
+    steps = config.num_burnin_steps + config.num_draws
+    assert config.num_burnin_steps == steps // 2 and 1000 <= steps <= 4000
+    # The chosen ε ran at that length, stationary, and so did ε/2.
+    runs = {(p.step_size, p.num_steps): p for p in cal.pilots}
+    for eps in (config.step_size, config.step_size / 2):
+        assert runs[(eps, steps)].mixing.stationary, cal.to_markdown()
+    assert "Chain length" in cal.to_markdown() and "halving ε" in cal.reason
+    assert ("Not verified" in cal.reason) is (not cal.verified)
+    # Accuracy: within the primer's 15%.
+    result = estimate_llc(model, mse_half, data, config=config, seed=0)
+    assert result.llc_mean == pytest.approx(3.0, rel=0.15)
+
+
 # --------------------------------------------------------------------------- too large
 
 
@@ -178,7 +204,7 @@ def test_all_diverged_gives_no_config_and_says_why():
     model, data = linear_regression()
     # Over 300 steps even ε = 0.1 (ε·nβ·λ_max ≈ 110) overflows to inf.
     kwargs = dict(base=base_config(10), step_sizes=[0.1, 1.0], num_draws=300,
-                  num_burnin_steps=0, num_chains=2, localizations=[1.0])
+                  num_burnin_steps=0, num_chains=2, localizations=[1.0], max_steps=None)
     with pytest.warns(UserWarning, match="Every grid point diverged"):
         cal = calibrate(model, mse_half, data[:2], **kwargs)
     assert cal.config is None and cal.chosen is None and not cal.verified
@@ -334,7 +360,7 @@ def test_ladder_stops_at_the_first_flat_localization():
     model, data = linear_regression()
     cal = calibrate(model, mse_half, data, base=base_config(500),
                     step_sizes=[3e-5, 1e-4, 3e-4], num_draws=300, num_burnin_steps=200,
-                    num_chains=4, seed=0, on_failure="ignore")
+                    num_chains=4, seed=0, on_failure="ignore", max_steps=None)
     assert DEFAULT_LOCALIZATIONS[0] == 1.0
     assert {p.localization for p in cal.table} == {1.0}, cal.to_markdown()
     assert cal.config is not None and cal.config.localization == 1.0
@@ -358,7 +384,7 @@ def test_ladder_climbs_at_a_saddle():
     cal = calibrate(Saddle(), lambda m, b: m(), [torch.zeros(1)],
                     base=SGLDConfig(n_beta=100.0, num_chains=4), step_sizes=[1e-4, 3e-4, 1e-3],
                     num_draws=300, num_burnin_steps=200, num_chains=4, seed=0,
-                    on_failure="ignore")
+                    on_failure="ignore", max_steps=None)
     assert all(p.status is Status.NOT_A_MINIMUM for p in cal.table if p.localization <= 100)
     # γ = 1000 is the first rung whose chains stay local: the ladder stops there (λ̂ ≈ 0.1
     # is too small against its noise for these short chains to verify a flat region).
@@ -416,7 +442,7 @@ def small_case():
 
 SMALL = dict(base=SGLDConfig(localization=1.0, num_chains=2, num_draws=20),
              step_sizes=[1e-5, 1e-4, 1e-3], num_draws=20, num_burnin_steps=10,
-             num_chains=2, on_failure="ignore", localizations=[1.0])
+             num_chains=2, on_failure="ignore", localizations=[1.0], max_steps=None)
 
 
 def test_model_and_global_rng_untouched_and_deterministic():
@@ -521,6 +547,11 @@ def test_plot_rejects_other_objects():
         ({"num_power_iterations": -1}, "num_power_iterations"),
         ({"common_random_numbers": 1}, "common_random_numbers"),
         ({"on_failure": "explode"}, "on_failure"),
+        ({"max_steps": 100}, "max_steps"),
+        ({"max_steps": 2.5}, "max_steps"),
+        ({"max_halvings": -1}, "max_halvings"),
+        ({"max_trend": -0.1}, "max_trend"),
+        ({"min_ess": float("nan")}, "min_ess"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, argument):

@@ -1,0 +1,198 @@
+"""The chain-length rule of calibrate(): stationarity, autocorrelation, halving, settle().
+
+All on synthetic traces with fixed seeds (no SGLD runs), so the whole file takes well under a
+second. Tolerances are stated where a test depends on noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from slt_callbacks.core.calibrate import PilotRun, settle
+from slt_callbacks.core.mixing import (
+    Mixing,
+    assess_mixing,
+    compare_halving,
+    integrated_autocorrelation_time,
+)
+
+
+def ar1(chains: int, steps: int, phi: float, seed: int = 0) -> torch.Tensor:
+    """Unit-variance AR(1) traces: τ = (1 + φ) / (1 − φ) exactly."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(chains, steps, generator=g, dtype=torch.float64)
+    x = torch.empty_like(noise)
+    x[:, 0] = noise[:, 0]
+    scale = math.sqrt(1 - phi**2)
+    for t in range(1, steps):
+        x[:, t] = phi * x[:, t - 1] + scale * noise[:, t]
+    return x
+
+
+def test_autocorrelation_time_of_ar1_and_white_noise():
+    # τ = 19 for φ = 0.9; with 8 × 20,000 draws Sokal's estimator is within ~10% (its
+    # relative error is about sqrt(2(2M + 1)/N) ≈ 5% here, M ≈ 5τ).
+    assert integrated_autocorrelation_time(ar1(8, 20_000, 0.9)) == pytest.approx(19, rel=0.1)
+    assert integrated_autocorrelation_time(ar1(8, 4_000, 0.0)) == pytest.approx(1, abs=0.2)
+    with pytest.raises(ValueError, match="`trace`"):
+        integrated_autocorrelation_time(torch.zeros(3))
+
+
+def test_stationary_trace_passes_and_relaxing_trace_fails():
+    flat = 3.0 + ar1(8, 4000, 0.5)
+    m = assess_mixing(flat)
+    assert m.stationary, m.reason
+    assert m.llc == pytest.approx(3.0, abs=0.1) and m.num_steps == 4000
+    assert m.tau == pytest.approx(3.0, rel=0.25) and m.ess == pytest.approx(8 * 2000 / m.tau)
+    # λ̂ still rising by 1.0 (33%) over the trace: the late window reads 0.25 above the one
+    # before it (8% of λ̂), and with its standard error above the 10% tolerance.
+    t = torch.arange(4000, dtype=torch.float64) / 4000
+    rising = flat - 1.0 + t
+    m = assess_mixing(rising)
+    assert not m.stationary and "not stationary" in m.reason
+    assert m.trend == pytest.approx(0.375, abs=0.1)
+
+
+def test_noise_cannot_make_a_short_trace_stationary():
+    """An equivalence test: a flat mean with a huge spread fails (its standard error alone
+    exceeds the tolerance), and so do too few effective draws."""
+    noisy = 3.0 + 20.0 * ar1(4, 400, 0.0)
+    m = assess_mixing(noisy)
+    assert not m.stationary and abs(m.trend) < m.trend_se * 3
+    slow = 3.0 + 0.01 * ar1(2, 400, 0.99)  # τ ≈ 200: ESS ≈ 4
+    m = assess_mixing(slow, min_ess=100)
+    assert not m.stationary and "ESS" in m.reason
+
+
+def test_diverged_trace_is_never_stationary():
+    x = 3.0 + ar1(4, 100, 0.0)
+    x[1, 50] = float("inf")
+    m = assess_mixing(x)
+    assert not m.stationary and math.isnan(m.llc) and "diverged" in m.reason
+
+
+def test_bad_trace_and_tolerances_are_named():
+    with pytest.raises(ValueError, match="`trace`"):
+        assess_mixing(torch.zeros(1, 100))
+    with pytest.raises(ValueError, match="`max_trend`"):
+        assess_mixing(torch.zeros(4, 100), max_trend=-1.0)
+
+
+def mixing(llc_per_chain, *, stationary=True) -> Mixing:
+    values = torch.tensor(llc_per_chain, dtype=torch.float64)
+    return Mixing(1000, tuple(llc_per_chain), float(values.mean()), float(values.std()),
+                  0.0, 0.0, 1.0, 1000.0, stationary, "")
+
+
+def test_halving_is_judged_against_the_full_estimates_standard_error():
+    coarse = mixing([2.8, 3.2, 2.9, 3.1, 3.0, 2.7, 3.3, 3.0])  # std 0.2 → se(4 chains) 0.1
+    close = mixing([v - 0.05 for v in coarse.llc_per_chain])
+    far = mixing([v - 0.15 for v in coarse.llc_per_chain])
+    h = compare_halving(coarse, close, num_chains=4)
+    assert h.agree and h.shift == pytest.approx(0.05) and h.shift_se == pytest.approx(0.0)
+    assert h.target_se == pytest.approx(coarse.llc_std / 2)
+    assert not compare_halving(coarse, far, num_chains=4).agree
+    # More chains in the full estimate: a smaller standard error, a stricter test.
+    assert not compare_halving(coarse, close, num_chains=64).agree
+    with pytest.raises(ValueError, match="same number of chains"):
+        compare_halving(coarse, mixing([3.0, 3.0]), num_chains=4)
+
+
+class FakeChains:
+    """``run(ε, T)`` on a model of SGLD at a singular minimum: λ̂ relaxes towards
+    λ(ε) = 5 + bias·ε/1e-5 with a relaxation time of ``relax·1e-5/ε`` steps (slower at
+    small steps), plus white noise of std 1 per draw; 8 chains, fixed seeds."""
+
+    def __init__(self, bias: float, relax: float) -> None:
+        self.bias, self.relax, self.calls = bias, relax, []
+
+    def __call__(self, eps: float, steps: int) -> PilotRun:
+        self.calls.append((eps, steps))
+        g = torch.Generator().manual_seed(steps)
+        t = torch.arange(steps, dtype=torch.float64)
+        target = 5.0 + self.bias * eps / 1e-5
+        tau = self.relax * 1e-5 / eps
+        mean = target - 2.0 * torch.exp(-t / tau)
+        trace = mean + torch.randn(8, steps, generator=g, dtype=torch.float64)
+        return PilotRun(step_size=eps, localization=1.0, n_beta=100.0, num_steps=steps,
+                        mixing=assess_mixing(trace))
+
+
+def test_settle_verifies_at_the_first_step_when_bias_is_small():
+    # λ(ε) − λ(ε/2) = 0.001, far below the se of 4 chains of 1000 draws (~0.016).
+    run = FakeChains(bias=0.001, relax=100.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=3, num_chains=4)
+    assert s.verified and s.step_size == 1e-5 and s.num_steps == 2000, s.reason
+    assert run.calls == [(5e-6, 2000), (1e-5, 2000)]  # ε/2 first: the slower chain
+
+
+def test_settle_lengthens_chains_until_stationary():
+    # Relaxation 2000 steps at ε/2: the trend test fails until T/4 ≫ 2000.
+    run = FakeChains(bias=0.001, relax=1000.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=3, num_chains=4)
+    assert s.verified and s.step_size == 1e-5, s.reason
+    assert s.num_steps > 2000 and run.calls[0] == (5e-6, 2000)
+
+
+def test_settle_halves_a_biased_step_and_doubles_its_length():
+    # Bias 0.03 per 1e-5: λ̂(1e-5) − λ̂(5e-6) = 0.015 exceeds the se of 4 chains (0.012
+    # here) and stays at the same simulated time (ε/2 for 2T), so ε halves, and T doubles
+    # with it (the same simulated time); at 5e-6 the shift is 0.0075 < 0.011.
+    run = FakeChains(bias=0.03, relax=10.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=3, num_chains=4)
+    assert s.verified and s.step_size == pytest.approx(5e-6), s.reason
+    assert s.num_steps == 4000
+    assert "halving ε = 1e-05 moved" in s.reason and "so ε halves" in s.reason
+
+
+def test_settle_out_of_budget_is_unverified_and_says_so():
+    # Relaxation (2000 steps at ε/2) as long as the budget: no stationary chains. (A
+    # relaxation far longer than the budget would look flat: no trend test sees it; the
+    # halving at equal length does, see the module docstring of calibrate.)
+    run = FakeChains(bias=0.001, relax=1000.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=4000, max_halvings=3, num_chains=4)
+    assert not s.verified and "max_steps = 4000" in s.reason and "Not verified" in s.reason
+    # A bias that never falls below the se within the halvings: the stationary pair closest
+    # to agreement (ε = 5e-6 against 2.5e-6: half the shift of 1e-5 against 5e-6).
+    run = FakeChains(bias=10.0, relax=10.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=1, num_chains=4)
+    assert not s.verified and s.step_size == pytest.approx(5e-6)
+    assert "Not verified" in s.reason and "closest to agreement" in s.reason
+
+
+class DivergingChains(FakeChains):
+    """FakeChains whose chains overflow above ε = 3e-6 (too coarse for long chains)."""
+
+    def __call__(self, eps: float, steps: int) -> PilotRun:
+        pilot = super().__call__(eps, steps)
+        if eps <= 3e-6:
+            return pilot
+        trace = torch.full((8, steps), float("inf"), dtype=torch.float64)
+        return PilotRun(step_size=eps, localization=1.0, n_beta=100.0, num_steps=steps,
+                        mixing=assess_mixing(trace))
+
+
+def test_settle_halves_a_step_whose_long_chains_diverge():
+    run = DivergingChains(bias=0.001, relax=10.0)
+    s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=3, num_chains=4)
+    assert s.verified and s.step_size == pytest.approx(2.5e-6), s.reason
+    assert s.num_steps >= 8000 and "diverged" in s.reason
+
+
+def test_first_pilot_step_is_the_largest_finite_local_step_with_acceptance():
+    from slt_callbacks import Status
+    from slt_callbacks.core.calibrate import CalibrationPoint, _first_pilot_step
+
+    def row(eps, acc, status=Status.HEALTHY, llc=3.0, diverged=0, gamma=1.0):
+        return CalibrationPoint(step_size=eps, n_beta=100.0, localization=gamma,
+                                llc_mean=llc, llc_std=0.1, acceptance=acc, status=status,
+                                num_diverged=diverged, healthy=status is Status.HEALTHY)
+
+    chosen = row(1e-5, 0.99)
+    rows = [chosen, row(3e-5, 0.85, Status.LOW_ACCEPTANCE), row(1e-4, 0.7, Status.LOW_ACCEPTANCE),
+            row(3e-4, 0.9, Status.DIVERGED, diverged=1), row(1e-3, 0.95, gamma=10.0)]
+    assert _first_pilot_step(rows, chosen) == 3e-5  # acceptance 0.85 ≥ START_ACCEPTANCE
+    assert _first_pilot_step([chosen], chosen) == 1e-5
