@@ -1134,7 +1134,7 @@ def _run_grid(
             rows.append(_failed_point(config, config.resolved_n_beta(num_samples), seed,
                                       error, time.perf_counter() - start))
             continue
-        if backend == "auto" and result.backend == "loop":
+        if backend == "auto" and result.fell_back_to_loop:
             backend = "loop"  # vmap failed once: do not retry (and warn) at every point
         rows.append(CalibrationPoint.from_result(
             result, seed=seed, step_curvature=eps * result.n_beta * abs(lam_max)))
