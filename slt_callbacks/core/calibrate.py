@@ -118,6 +118,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int, check_number
+from ..analysis.noise import standard_error
 from .config import SGLDConfig
 from .curvature import top_hessian_eigenvalue
 from .data import build_pool
@@ -703,7 +704,7 @@ def _fine_still_moving(run: PilotFn, fine: PilotRun, eps: float, steps: int, max
     if 2 * steps > max_steps:
         return False
     longer = run(eps / 2, 2 * steps)
-    target = fine.mixing.llc_std / math.sqrt(num_chains)
+    target = standard_error(fine.mixing.llc_std, num_chains)
     moving = (not longer.mixing.stationary
               or abs(longer.mixing.llc - fine.mixing.llc) > target)
     history.append(f"ε/2 run for {2 * steps} steps reads {longer.mixing.llc:.4g}"

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_number
+from ..analysis.noise import standard_error
 
 __all__ = ["Halving", "Mixing", "assess_mixing", "compare_halving",
            "integrated_autocorrelation_time"]
@@ -204,7 +205,7 @@ def compare_halving(coarse: Mixing, fine: Mixing, *, num_chains: int, margin: bo
     diffs = torch.tensor(coarse.llc_per_chain, dtype=torch.float64) - torch.tensor(
         fine.llc_per_chain, dtype=torch.float64)
     shift_se = float(diffs.std()) / math.sqrt(diffs.numel())
-    target = coarse.llc_std / math.sqrt(num_chains)
+    target = standard_error(coarse.llc_std, num_chains)  # the full estimate's noise model
     # One paired standard error of margin: the full estimate's own check of the halving
     # has noise of about that size, so a shift just under the target would fail it half
     # the time.
