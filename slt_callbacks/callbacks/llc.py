@@ -1,6 +1,7 @@
 """LLCMonitor, a thin adapter. *When*: :mod:`._base`; *what*: ``executors.estimate_all``, over
 :mod:`._distributed` under DDP; *where*: :mod:`._background`; *with which config*:
-:mod:`._run_config`; *what a result becomes*: :mod:`._llc_results`; files: :mod:`._snapshots`."""
+:mod:`._run_config`; *what a result becomes*: :mod:`._llc_results`; files: :mod:`._snapshots`;
+the run's state between hooks: :mod:`._llc_run`."""
 
 from __future__ import annotations
 
@@ -8,25 +9,18 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from slt_callbacks.core.calibrate import Calibration
 from slt_callbacks.core.config import SGLDConfig
 from slt_callbacks.core.diagnostics import HealthCriteria
 from slt_callbacks.core.functional import LossFn
-from slt_callbacks.core.llc import LLCResult
-from slt_callbacks.core.restrict import Selector, resolve_components
-from slt_callbacks.executors import Completed, Estimates, ExecutorLike, estimate_all
-from slt_callbacks.seeds import derive_seed
+from slt_callbacks.core.restrict import Selector
+from slt_callbacks.executors import Completed, ExecutorLike
 
 from ._background import BackgroundMixin
 from ._base import ScheduleLike, _ScheduledMonitor
-from ._data import check_batch_norm
-from ._distributed import RankedEstimator
 from ._guard import Failure, OnFailure
-from ._llc_checks import check_default_n_beta, check_llc_arguments
-from ._llc_results import Entry, failed_entry, hand_off, llc_entry
-from ._loss_average import LossAverage
-from ._run_config import RunConfig
-from ._snapshots import SnapshotWriter
+from ._llc_checks import check_llc_arguments
+from ._llc_results import Entry
+from ._llc_run import LLCRun
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -102,41 +96,33 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         self.calibration = dict(calibration) if calibration else {}
         self.components = dict(components) if components else None
         self.datasets = dict(datasets) if datasets else {}
-        #: nβ actually used (known after the first estimate).
-        self.n_beta: float | None = None
-        #: The full results of the latest estimate (traces included; not checkpointed).
-        self.last_result: LLCResult | None = None
-        self.last_dataset_results: dict[str, LLCResult] = {}
-        self._run_config = RunConfig(config, self.calibration, f"{self._name} (prefix={prefix!r})")
-        self._snapshots = SnapshotWriter(snapshot_dir, self._name)
-        self.snapshot_dir = self._snapshots.directory
-        self._estimator, self._loss = RankedEstimator(), LossAverage()
-        self._dataset_batches: dict[str, list[Any]] = {}
+        self._run = LLCRun(config, self.calibration, snapshot_dir, owner=self._name,
+                           prefix=prefix, seed=self.seed, components=self.components,
+                           criteria=criteria)  # fmt: skip
+        self.snapshot_dir = self._run.snapshots.directory
 
-    @property
-    def active_config(self) -> SGLDConfig | None:
-        """The SGLD config in use: ``config``, or the calibrated one once ``"auto"`` froze it."""
-        return self._run_config.active
-
-    @property
-    def last_calibration(self) -> Calibration | None:
-        """With ``config="auto"``: the latest calibration sweep."""
-        return self._run_config.last_calibration
+    n_beta = property(lambda self: self._run.n_beta,
+                      doc="nβ actually used (known after the first estimate).")
+    last_result = property(lambda self: self._run.last_result,
+                           doc="The latest estimate's full results (traces; not checkpointed).")
+    last_dataset_results = property(lambda self: self._run.last_dataset_results,
+                                    doc="The latest estimate's results per ``datasets`` name.")
+    active_config = property(lambda self: self._run.config.active, doc="The SGLD config in "
+                             "use: ``config``, or the calibrated one once 'auto' froze it.")
+    last_calibration = property(lambda self: self._run.config.last_calibration,
+                                doc="With ``config='auto'``: the latest calibration sweep.")
+    _loss = property(lambda self: self._run.loss)  # the training loss around each step
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "loss_ema": self._loss.value(), "n_beta": self.n_beta,
-                **self._run_config.state_dict()}  # "config" and, with "auto", "autocal"
+        return {**super().state_dict(), **self._run.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._loss.load(state_dict.get("loss_ema"))
-        self.n_beta = state_dict.get("n_beta")
-        self._run_config.load_state_dict(state_dict)
+        self._run.load_state_dict(state_dict)
 
     def _reset(self) -> None:
         super()._reset()
-        self._loss, self.n_beta = LossAverage(), None
-        self._run_config.reset()
+        self._run.reset()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:  # fmt: skip
@@ -144,76 +130,37 @@ class LLCMonitor(BackgroundMixin, _ScheduledMonitor):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._run_config.check_split(trainer.world_size)
-        if any(p.requires_grad for p in pl_module.parameters()):  # else: at train start
-            resolve_components(pl_module, self.components)
-        self._snapshots.setup(trainer)
         assert self._sink is not None
-        self._sink.update_config({
-            self._key("sgld"): self._run_config.run_config_entry(), self._key("seed"): self.seed,
-            self._key("components"): sorted(self.components or {}),
-            self._key("datasets"): sorted(self.datasets),
-        })  # fmt: skip
+        self._run.setup(trainer, pl_module, self._sink, self.datasets)
 
     def _num_batches(self) -> int | None:
-        return self._run_config.num_batches  # None: one pass of data=, or the default draw
+        return self._run.config.num_batches  # None: one pass of data=, or the default draw
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        resolve_components(pl_module, self.components)  # frozen parameters may have changed
-        check_batch_norm(pl_module, train_mode=self._run_config.base.train_mode, owner=self._name)
+        self._run.check_model(pl_module)
         super()._prepare(trainer, pl_module)
         assert self._loss_fn is not None
-        self._dataset_batches = self._resolve_datasets(trainer, pl_module, self.datasets)
-        check_default_n_beta(self._run_config.base, self._batches, owner=self._name)
-        context = dict(loss_fn=self._loss_fn, batches=self._batches, criteria=self.criteria,
-                       datasets=self._dataset_batches, components=self.components)
-        self._snapshots.save_run(trainer, pl_module, **context)
+        datasets = self._resolve_datasets(trainer, pl_module, self.datasets)
+        context = self._run.prepare(trainer, pl_module, self._loss_fn, self._batches, datasets)
         self._open_background(trainer, pl_module, **context)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> Entry:
-        config, seeds = self._submission(trainer, pl_module, step)
-        assert self._loss_fn is not None
-        estimates = estimate_all(
-            pl_module, self._loss_fn, self._batches, step=step, config=config, seeds=seeds,
-            datasets=self._dataset_batches, components=self.components, criteria=self.criteria,
-            estimate=self._estimator.bind(trainer, self.seed, step),
-        )
-        return self._entry(estimates, self._loss.value())
+        config, seeds = self._run.submission(trainer, pl_module, step)
+        estimates = self._run.estimate(trainer, pl_module, step, config, seeds)
+        return self._run.entry(estimates, self._loss.value())
 
-    def _submission(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
-    ) -> tuple[SGLDConfig, dict[str, int]]:
-        last = None if self.last_result is None else self.last_result.status.value
-        config = self._run_config.resolve(
-            trainer, pl_module, step=step, last_status=last, sink=self._sink, key=self._key,
-            loss_fn=self._loss_fn, batches=self._batches, seed=self.seed,
-        )
-        tags = ["llc", *(f"data/{name}" for name in self._dataset_batches)]
-        # Rank zero's seeds: with one process, a sweep of the snapshot reproduces the step.
-        seeds = {tag: derive_seed(self.seed, step, 0, tag) for tag in tags}
-        self._snapshots.save_step(trainer, pl_module, step, config, seeds)
-        return config, seeds
+    def _submission(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                    step: int) -> tuple[SGLDConfig, dict[str, int]]:  # fmt: skip
+        return self._run.submission(trainer, pl_module, step)
 
     def _arrived(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                  done: Completed) -> Entry:  # fmt: skip
         assert done.estimates is not None
-        return self._entry(done.estimates, self._submitted_loss.pop(done.step, None))
-
-    def _entry(self, estimates: Estimates, loss: float | None) -> Entry:
-        self.last_result, self.last_dataset_results = estimates.result, estimates.datasets
-        entry, metrics = llc_entry(estimates, loss=loss, prefix=self.prefix)
-        return entry, {**metrics, **self._run_config.metrics(self._key)}
+        return self._run.entry(done.estimates, self._submitted_loss.pop(done.step, None))
 
     def _failed(self, failure: Failure) -> Entry:
-        self.last_result, self.last_dataset_results = None, {}
-        return failed_entry(loss=self._loss.value(), prefix=self.prefix)
+        return self._run.failed()
 
     def _after(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                entry: dict[str, Any]) -> None:  # fmt: skip
-        assert self._sink is not None
-        if self.last_result is not None and self.n_beta is None:
-            self.n_beta = self.last_result.n_beta
-            self._sink.update_config({self._key("n_beta"): self.n_beta})
-        hand_off(trainer, pl_module, entry, result=self.last_result,
-                 datasets=self.last_dataset_results, sink=self._sink, key=self._key,
-                 owner=self._name)  # fmt: skip
+        self._run.after(trainer, pl_module, entry)

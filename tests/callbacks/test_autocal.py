@@ -53,7 +53,7 @@ def test_auto_calibrates_at_a_late_first_step_and_records_the_decision(tmp_path,
     """A schedule that starts after step 0 with nothing before it calibrates at once."""
     monitor, steps, provisional, _ = fit_recording(tmp_path, monkeypatch, [2, 3])
     assert steps[0] == 2
-    policy = monitor._run_config.auto.policy
+    policy = monitor._run.config.auto.policy
     assert policy is not None and policy.attempts == len(steps) <= policy.max_attempts
     assert monitor.last_calibration is not None
     if policy.status == "calibrated":
