@@ -912,12 +912,7 @@ def calibrate(
     base = SGLDConfig() if base is None else base
     _check_arguments(model, loss_fn, base, num_draws, num_burnin_steps, num_chains, seed,
                      common_random_numbers, num_power_iterations, on_failure)
-    criteria = _HEALTHY_CRITERIA if criteria is None else criteria
-    if not isinstance(criteria, HealthCriteria):
-        raise ValueError(
-            f"Expected argument `criteria` to be a HealthCriteria but got "
-            f"{type(criteria).__name__}."
-        )
+    criteria = _check_criteria(criteria)
     choose([], max_slope=max_slope, num_std_errors=num_std_errors)  # validates both
     _check_length_arguments(max_steps, max_halvings, max_trend, min_ess,
                             2 * (num_burnin_steps + num_draws))
@@ -925,56 +920,19 @@ def calibrate(
     betas = [base.n_beta] if n_betas is None else _check_grid("n_betas", n_betas)
     ladder = (list(DEFAULT_LOCALIZATIONS) if localizations is None
               else _check_grid("localizations", localizations, allow_zero=True))
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError(
-            "Expected `model` to have trainable parameters (requires_grad=True) but it has none."
-        )
-
     # One pool for every grid point: a shuffling DataLoader must not change L_n between them.
-    device = next(iter(params.values())).device
-    pool = build_pool(data, num_batches=base.num_batches, device=device)
+    pool = build_pool(data, num_batches=base.num_batches, device=_device_of(model))
     batches = [pool.batch(i) for i in range(pool.num_batches)]
-    lam_max, power_note = float("nan"), ""
-    if num_power_iterations:
-        try:
-            lam_max = top_hessian_eigenvalue(
-                model, loss_fn, batches[0], num_iterations=num_power_iterations,
-                generator=torch.Generator(device=device).manual_seed(seed),
-            )
-        except Exception as error:  # a numerical failure is a result here
-            power_note = (f"λ_max not estimated (power iteration failed: "
-                          f"{type(error).__name__}: {error}).")
-        if not math.isfinite(lam_max):
-            lam_max = float("nan")
+    lam_max, power_note = _top_eigenvalue(model, loss_fn, batches[0], num_power_iterations,
+                                          seed)  # fmt: skip
     trial = replace(base, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
                     num_chains=num_chains)
-    # The γ ladder: smallest first, stopping at the first γ whose series is verified flat
-    # in ε (a larger γ only restrains the chains more and biases λ̂ low). An explicit
-    # `localizations` list is swept in full.
-    stop_early = localizations is None
-    rows: list[CalibrationPoint] = []
-    notes: list[str] = []
-    seeds_iter = _seeds(seed, common_random_numbers)
-    backend = trial.backend
-    for gamma in sorted(ladder):
-        plan, note = _plan(steps, betas, [gamma], trial, pool.num_samples, lam_max,
-                           num_power_iterations)
-        if note not in notes:
-            notes.append(note)
-        seeds = [next(seeds_iter) for _ in plan]
-        series, backend = _run_grid(model, loss_fn, batches, replace(trial, backend=backend),
-                                    plan, criteria, lam_max, seeds, pool.num_samples)
-        rows += series
-        # The ladder's stop is choose()'s own: a flat series, or one whose chains stay local.
-        if stop_early and (_is_local(series, range(len(series))) or choose(
-                series, max_slope=max_slope, num_std_errors=num_std_errors).verified):
-            break
-    grid_note = " ".join(notes) + (f" {power_note}" if power_note else "")
-    if stop_early:
-        tried = sorted({p.localization for p in rows})
-        grid_note += (f" γ ladder {', '.join(f'{g:g}' for g in DEFAULT_LOCALIZATIONS)}, "
-                      f"smallest first, stopped at γ = {tried[-1]:g}.")
+    screen = _Screen(model, loss_fn, batches, trial, criteria, lam_max, pool.num_samples,
+                     max_slope=max_slope, num_std_errors=num_std_errors)  # fmt: skip
+    rows, grid_note = screen.walk(ladder, steps, betas, _seeds(seed, common_random_numbers),
+                                  stop_early=localizations is None,
+                                  num_power_iterations=num_power_iterations)  # fmt: skip
+    grid_note += f" {power_note}" if power_note else ""
 
     index, reason, flat = choose(rows, max_slope=max_slope, num_std_errors=num_std_errors)
     recommended, verified, pilots = None, flat, ()
@@ -990,28 +948,97 @@ def calibrate(
             pilots_fn = _Pilots(model, loss_fn, batches,
                                 replace(recommended, num_chains=num_chains), seed,
                                 length.mixing_options)
-            first = _first_pilot_step(rows, p)
-            recommended, verified, reason = _choose_length(recommended, first, reason, length,
-                                                           pilots_fn, base.num_chains)
+            recommended, verified, reason = _choose_length(
+                recommended, _first_pilot_step(rows, p), reason, length, pilots_fn,
+                base.num_chains)
             pilots = tuple(pilots_fn.runs)
     calibration = Calibration(
-        config=recommended,
-        table=tuple(rows),
-        chosen_index=index,
-        verified=verified,
+        config=recommended, table=tuple(rows), chosen_index=index, verified=verified,
         rule=rule_text(max_slope=max_slope, num_std_errors=num_std_errors,
                        min_acceptance=criteria.min_acceptance)
         + ("" if max_steps is None else " " + length_rule_text(max_trend, min_ess)),
-        reason=reason,
-        grid=grid_note,
-        top_eigenvalue=lam_max,
-        criteria=criteria,
-        seconds=time.perf_counter() - start,
-        pilots=pilots,
-        flat=flat,
-    )
+        reason=reason, grid=grid_note, top_eigenvalue=lam_max, criteria=criteria,
+        seconds=time.perf_counter() - start, pilots=pilots, flat=flat,
+    )  # fmt: skip
     _handle_failure(calibration, on_failure)
     return calibration
+
+
+def _check_criteria(criteria: Any) -> HealthCriteria:
+    criteria = _HEALTHY_CRITERIA if criteria is None else criteria
+    if not isinstance(criteria, HealthCriteria):
+        raise ValueError(
+            f"Expected argument `criteria` to be a HealthCriteria but got "
+            f"{type(criteria).__name__}."
+        )
+    return criteria
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError(
+            "Expected `model` to have trainable parameters (requires_grad=True) but it has none."
+        )
+    return next(iter(params.values())).device
+
+
+def _top_eigenvalue(model: nn.Module, loss_fn: LossFn, batch: Any, num_iterations: int,
+                    seed: int) -> tuple[float, str]:  # fmt: skip
+    """λ_max of the Hessian at w* (NaN where not estimated) and a note on why not."""
+    if not num_iterations:
+        return float("nan"), ""
+    device = _device_of(model)
+    try:
+        lam_max = top_hessian_eigenvalue(
+            model, loss_fn, batch, num_iterations=num_iterations,
+            generator=torch.Generator(device=device).manual_seed(seed),
+        )
+    except Exception as error:  # a numerical failure is a result here
+        return float("nan"), (f"λ_max not estimated (power iteration failed: "
+                              f"{type(error).__name__}: {error}).")
+    return (lam_max if math.isfinite(lam_max) else float("nan")), ""
+
+
+class _Screen:
+    """The ε (× nβ) grid at each γ of the ladder: one short estimate per point."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: list[Any],
+                 trial: SGLDConfig, criteria: HealthCriteria, lam_max: float,
+                 num_samples: int, *, max_slope: float, num_std_errors: float) -> None:  # fmt: skip
+        self.model, self.loss_fn, self.batches, self.trial = model, loss_fn, batches, trial
+        self.criteria, self.lam_max, self.num_samples = criteria, lam_max, num_samples
+        self.max_slope, self.num_std_errors = max_slope, num_std_errors
+
+    def walk(self, ladder: list[float], steps: list[float] | None, betas: list[float | None],
+             seeds_iter: Iterator[int], *, stop_early: bool,
+             num_power_iterations: int) -> tuple[list[CalibrationPoint], str]:  # fmt: skip
+        """Rows of every γ swept and the grid note. With ``stop_early`` (the default ladder):
+        smallest γ first, stopping at the first γ whose series is verified flat in ε or whose
+        chains stay local (a larger γ only restrains the chains more and biases λ̂ low)."""
+        rows: list[CalibrationPoint] = []
+        notes: list[str] = []
+        backend = self.trial.backend
+        for gamma in sorted(ladder):
+            plan, note = _plan(steps, betas, [gamma], self.trial, self.num_samples,
+                               self.lam_max, num_power_iterations)  # fmt: skip
+            if note not in notes:
+                notes.append(note)
+            seeds = [next(seeds_iter) for _ in plan]
+            series, backend = _run_grid(self.model, self.loss_fn, self.batches,
+                                        replace(self.trial, backend=backend), plan,
+                                        self.criteria, self.lam_max, seeds, self.num_samples)
+            rows += series
+            if stop_early and (_is_local(series, range(len(series))) or choose(
+                    series, max_slope=self.max_slope,
+                    num_std_errors=self.num_std_errors).verified):
+                break
+        grid_note = " ".join(notes)
+        if stop_early:
+            tried = sorted({p.localization for p in rows})
+            grid_note += (f" γ ladder {', '.join(f'{g:g}' for g in DEFAULT_LOCALIZATIONS)}, "
+                          f"smallest first, stopped at γ = {tried[-1]:g}.")
+        return rows, grid_note
 
 
 @dataclass(frozen=True)

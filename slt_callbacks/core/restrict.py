@@ -26,6 +26,7 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -223,38 +224,7 @@ def fused_qkv_head_components(
         FutureWarning: ``layout`` omitted; ``"grouped"`` is assumed for now (it used to be
         implicit) and omitting it will become an error.
     """
-    if layout is None:
-        warnings.warn(
-            "fused_qkv_head_components: pass layout='grouped' ([Q | K | V] rows) or "
-            "layout='interleaved' (per head [q, k, v], GPT-NeoX); 'grouped' is assumed, and "
-            "omitting `layout` will become an error. For Hugging Face, TransformerLens and "
-            "torch models use head_components(model), which reads the layout off the model.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        layout = "grouped"
-    if layout not in _heads.FUSED_LAYOUTS:
-        raise ValueError(
-            f"Expected argument `layout` to be one of {list(_heads.FUSED_LAYOUTS)} but got "
-            f"{layout!r}."
-        )
-    num_heads = check_int("num_heads", num_heads)
-    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if (
-        isinstance(num_kv_heads, bool)
-        or not isinstance(num_kv_heads, int)
-        or num_kv_heads < 1
-        or num_heads % num_kv_heads
-    ):
-        raise ValueError(
-            f"Expected `num_kv_heads` to be a positive divisor of num_heads={num_heads} but "
-            f"got {num_kv_heads!r}."
-        )
-    if layout == "interleaved" and num_kv_heads != num_heads:
-        raise ValueError(
-            f"`layout='interleaved'` has one key/value head per query head, but got "
-            f"num_kv_heads={num_kv_heads} != num_heads={num_heads}."
-        )
+    layout, num_heads, num_kv_heads = _check_fused_arguments(layout, num_heads, num_kv_heads)
     qkv = _get_submodule(model, qkv_name, nn.Linear)
     _refuse_known_attention(model, qkv_name, layout)
     rows_total = qkv.out_features
@@ -284,6 +254,45 @@ def fused_qkv_head_components(
             masks[f"{out_proj_name}.weight"] = _heads._span_mask(out_proj.weight, 1, cols)
         out[f"{prefix}.head{h}"] = _keep_trainable(model, masks)
     return out
+
+
+def _check_fused_arguments(
+    layout: str | None, num_heads: Any, num_kv_heads: Any
+) -> tuple[str, int, int]:
+    """``fused_qkv_head_components``' layout and head counts, checked (None layout warns)."""
+    if layout is None:
+        warnings.warn(
+            "fused_qkv_head_components: pass layout='grouped' ([Q | K | V] rows) or "
+            "layout='interleaved' (per head [q, k, v], GPT-NeoX); 'grouped' is assumed, and "
+            "omitting `layout` will become an error. For Hugging Face, TransformerLens and "
+            "torch models use head_components(model), which reads the layout off the model.",
+            FutureWarning,
+            stacklevel=3,  # the caller of fused_qkv_head_components
+        )
+        layout = "grouped"
+    if layout not in _heads.FUSED_LAYOUTS:
+        raise ValueError(
+            f"Expected argument `layout` to be one of {list(_heads.FUSED_LAYOUTS)} but got "
+            f"{layout!r}."
+        )
+    num_heads = check_int("num_heads", num_heads)
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if (
+        isinstance(num_kv_heads, bool)
+        or not isinstance(num_kv_heads, int)
+        or num_kv_heads < 1
+        or num_heads % num_kv_heads
+    ):
+        raise ValueError(
+            f"Expected `num_kv_heads` to be a positive divisor of num_heads={num_heads} but "
+            f"got {num_kv_heads!r}."
+        )
+    if layout == "interleaved" and num_kv_heads != num_heads:
+        raise ValueError(
+            f"`layout='interleaved'` has one key/value head per query head, but got "
+            f"num_kv_heads={num_kv_heads} != num_heads={num_heads}."
+        )
+    return layout, num_heads, num_kv_heads
 
 
 _UNFUSED = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v")

@@ -66,8 +66,9 @@ def test_fused_qkv_bad_head_counts():
 
 def test_fused_qkv_without_layout_warns_and_keeps_the_old_reading():
     model = nn.ModuleDict({"blk": Block()})
-    with pytest.warns(FutureWarning, match=r"layout='grouped'.*head_components"):
+    with pytest.warns(FutureWarning, match=r"layout='grouped'.*head_components") as caught:
         implicit = fused_qkv_head_components(model, "blk.qkv", num_heads=4, num_kv_heads=2)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     explicit = fused_qkv_head_components(
         model, "blk.qkv", num_heads=4, num_kv_heads=2, layout="grouped"
     )
