@@ -19,8 +19,10 @@ What travels, and how often:
   (on the CPU, serialized with ``torch.save``), the config and the seeds.
 
 A worker that receives a job for a key it has not seen (a second worker of a pool, a worker
-that restarted, a fresh Slurm job) raises :class:`ContextMissing`; the queue submits the job
-again with the context attached. A one-worker pool therefore receives the context exactly
+that restarted, a fresh Slurm job) replies "context missing" (a short reply, not an
+exception, so that executors which log failed tasks, as Dask does, print nothing; a custom
+worker may raise :class:`ContextMissing` instead); the queue submits the job again with the
+context attached. A one-worker pool therefore receives the context exactly
 once. Executors whose every task runs in a fresh process (submitit) should use
 ``ship_context="always"`` (or set ``fresh_process_per_task = True`` on the adapter).
 
@@ -283,7 +285,7 @@ class EstimateJob:
         seeds: ``{"llc": seed, "data/<name>": seed}``.
         frozen: names of parameters that do not train (``requires_grad=False``) at this step.
         context: the serialized context, attached on first submission or after a worker
-            reported :class:`ContextMissing`; None otherwise.
+            reported that it lacks it (:class:`ContextMissing`); None otherwise.
     """
 
     key: str
@@ -295,8 +297,14 @@ class EstimateJob:
     context: bytes | None = None
 
 
+_MISSING_REPLY = b"slt_callbacks/context-missing:"  # + the key: run_job's reply
+
+
 class ContextMissing(RuntimeError):
-    """A worker got a job whose context it has not cached; the queue resubmits with it."""
+    """A worker got a job whose context it has not cached; the queue resubmits with it.
+
+    :func:`run_job` replies instead of raising it; a worker of your own may raise it.
+    """
 
     def __init__(self, key: str) -> None:
         super().__init__(key)
@@ -390,15 +398,17 @@ def forget_context(key: str) -> None:
 def run_job(job: EstimateJob) -> bytes:
     """The worker's entry point: one scheduled step's :class:`Estimates`, serialized.
 
-    Raises:
-        ContextMissing: this process has not cached ``job.key`` and the job does not carry
-            the context.
+    Returns:
+        The serialized :class:`Estimates`, or, when this process has not cached ``job.key``
+        and the job does not carry the context, the "context missing" reply, which the
+        queue answers by sending the job again with its context. (A reply, not an
+        exception: this is the protocol, not a failure, and executors log failed tasks.)
     """
     with _CONTEXTS_LOCK:
         built = _CONTEXTS.get(job.key)
     if built is None:
         if job.context is None:
-            raise ContextMissing(job.key)
+            return _MISSING_REPLY + job.key.encode()
         register_context(job.key, load_context(job.context))
         with _CONTEXTS_LOCK:
             built = _CONTEXTS[job.key]
@@ -606,8 +616,8 @@ class EstimateQueue:
         num_threads: torch threads of the ``"process"`` worker (default 1: the worker should
             not crowd the training process); with other executors, set in each worker when it
             builds the context (None: leave them).
-        ship_context: ``"once"`` (default; resent only to a worker that reports
-            :class:`ContextMissing`) or ``"always"`` (executors with a fresh process per task;
+        ship_context: ``"once"`` (default; resent only to a worker that replies it lacks
+            it) or ``"always"`` (executors with a fresh process per task;
             also chosen when the executor has a true ``fresh_process_per_task`` attribute, as
             a submitit adapter should).
 
@@ -748,6 +758,9 @@ class EstimateQueue:
         self._resubmit_missing()
         out = []
         while self._queue and self._queue[0].future.done():
+            if _is_missing(self._queue[0].future):  # replied since the resubmission above
+                self._news = True  # the next call resubmits it
+                break
             out.append(self._deliver(self._queue.popleft()))
         return out
 
@@ -829,7 +842,13 @@ class EstimateQueue:
 
 
 def _is_missing(future: Future[Any]) -> bool:
-    return future.done() and isinstance(future.exception(), ContextMissing)
+    """The worker had no context for the job (:func:`run_job`'s reply, or ContextMissing)."""
+    if not future.done() or future.cancelled():
+        return False
+    if future.exception() is not None:
+        return isinstance(future.exception(), ContextMissing)
+    result = future.result()
+    return isinstance(result, bytes) and result.startswith(_MISSING_REPLY)
 
 
 def _describe(error: BaseException) -> str:

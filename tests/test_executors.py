@@ -15,6 +15,7 @@ from torch import nn
 from slt_callbacks import SGLDConfig, estimate_llc
 from slt_callbacks.executors import (
     _CONTEXTS,
+    ContextMissing,
     EstimateQueue,
     RunContext,
     estimate_all,
@@ -166,17 +167,22 @@ class FreshProcessExecutor(Executor):
     """Runs in this thread but forgets every cached context first: each task behaves like a
     fresh worker process (a Slurm job, a restarted worker)."""
 
-    def __init__(self) -> None:
+    def __init__(self, raise_missing: bool = False) -> None:
         self.with_context: list[bool] = []
+        self.exceptions: list[BaseException | None] = []
+        self.raise_missing = raise_missing  # a worker of the user's own that raises instead
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         _CONTEXTS.clear()
         self.with_context.append(args[0].context is not None)
         future: Future[Any] = Future()
         try:
+            if self.raise_missing and args[0].context is None:
+                raise ContextMissing(args[0].key)
             future.set_result(fn(*args))
         except Exception as error:
             future.set_exception(error)
+        self.exceptions.append(future.exception())
         return future
 
 
@@ -226,8 +232,9 @@ def test_wait_when_full_blocks_until_a_slot_frees() -> None:
     assert all(d.error is None for d in done)
 
 
-def test_context_is_shipped_once_and_again_to_a_fresh_worker() -> None:
-    executor = FreshProcessExecutor()
+@pytest.mark.parametrize("raise_missing", [False, True], ids=["reply", "raise"])
+def test_context_is_shipped_once_and_again_to_a_fresh_worker(raise_missing: bool) -> None:
+    executor = FreshProcessExecutor(raise_missing)
     queue = EstimateQueue(executor, max_pending=2)
     queue.open(make_context())
     done = run_steps(queue, [1, 2])
@@ -236,6 +243,31 @@ def test_context_is_shipped_once_and_again_to_a_fresh_worker() -> None:
     # Job 1 carried the context; job 2 did not, was refused, and went again with it.
     assert executor.with_context == [True, False, True]
     assert_same(done[1].estimates, direct(2))
+    # run_job's refusal is a reply, not a task failure (Dask would log one as an ERROR); a
+    # worker of the user's own may raise ContextMissing instead.
+    refused = ContextMissing if raise_missing else type(None)
+    assert [type(e) for e in executor.exceptions] == [type(None), refused, type(None)]
+
+
+def test_collect_resubmits_a_refused_job_with_its_context() -> None:
+    """A job refused for want of its context is never delivered as a result: collect()
+    sends it again with the context."""
+    executor = ManualExecutor()
+    queue = EstimateQueue(executor, max_pending=3)
+    queue.open(make_context())
+    queue.submit(queue.job(1, weights_at(1), CONFIG, SEEDS))
+    queue.submit(queue.job(2, weights_at(2), CONFIG, SEEDS))
+    executor.finish(0)
+    assert [d.step for d in queue.collect()] == [1]
+    _CONTEXTS.clear()  # the worker of job 2 has never seen the context
+    executor.finish(1)
+    assert queue.collect() == []  # refused: resent with the context, nothing delivered
+    assert executor.calls[2][1][0].context is not None
+    executor.finish(2)
+    (second,) = queue.collect()
+    assert second.step == 2 and second.error is None
+    assert_same(second.estimates, direct(2))
+    queue.close()
 
 
 def test_worker_error_is_delivered_with_its_step_and_the_queue_goes_on() -> None:
