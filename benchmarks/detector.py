@@ -241,7 +241,10 @@ def _ratio(num: float, den: float) -> str:
 
 
 def run(
-    detect: Callable[[Series], list[StageEvent]], name: str, noise: float, seeds: range
+    detect: Callable[[Series], list[StageEvent]],
+    name: str,
+    noise: float,
+    seeds: range = DEFAULT_SEEDS,
 ) -> Tally:
     tally = Tally()
     for seed in seeds:
