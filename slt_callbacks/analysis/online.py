@@ -104,6 +104,11 @@ _CLEAR_JUMP = 2.0
 # std is, 98% of the time). Beyond it the noise itself changes (a saddle's chains agree to
 # 0.1%, near λ̂ = 0 they do not) and the point keeps its own.
 _ALIKE = 3.0
+# A kink's noise on λ̂ is the signed-log noise times the level of the curve (the delta
+# method). The level is the trailing median of |λ̂| over _POOLED checkpoints of the stage,
+# where a point lies within this many noise stds of it (signed-log scale); beyond, the curve
+# has moved (a jump in progress) and the point keeps its own.
+_LEVEL_WITHIN = 3.0
 
 
 class Regime(str, Enum):
@@ -827,7 +832,9 @@ class StageDetector:
             self._dropped += excess
         return self._advance()
 
-    def _arrays(self) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    def _arrays(
+        self, start: int = 0
+    ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]], float]:
         """log-steps; the curve and its noise variances on the scale of each shape; the
         degrees of freedom of the noise estimate (inf when every standard error is known).
 
@@ -836,7 +843,8 @@ class StageDetector:
         at minima) is curved on the log scale, and curvature would read as a string of
         kinks. One noise model serves both: the larger of the standard error and the
         residual scatter on the signed-log scale (relative noise), the standard error pooled
-        over the last few checkpoints, mapped back to λ̂ by the delta method.
+        over the last few checkpoints, mapped back to λ̂ by the delta method at the level of
+        the current stage (which begins at buffer index ``start``; see ``_LEVEL_WITHIN``).
         """
         s = self.config.scale
         x = log_step(np.asarray(self._steps, dtype=float))
@@ -858,7 +866,15 @@ class StageDetector:
             alike = np.abs(np.log(se / pooled)) <= math.log(_ALIKE)
         se = np.where(alike, pooled, se)
         var = np.maximum(np.where(known, se * se, 0.0), floor)
-        curves = {"jump": (z, var), "kink": (raw, var * (s + np.abs(raw)) ** 2)}
+        # At the level of the curve, not at each noisy estimate: with its own value a point
+        # 20% low at 10% noise weighs 2.25x one 20% high, and every fitted line sinks.
+        size = np.abs(raw)
+        level = size.copy()
+        level[start:] = _trailing_median(size[start:], _POOLED)
+        with np.errstate(invalid="ignore", divide="ignore"):  # log((s+a)/(s+b)) = z(a) - z(b)
+            near = np.abs(np.log((s + size) / (s + level))) <= _LEVEL_WITHIN * np.sqrt(var)
+        level = np.where(near, level, size)
+        curves = {"jump": (z, var), "kink": (raw, var * (s + level) ** 2)}
         return x, curves, math.inf if known.all() else dof
 
     def _advance(self) -> StageEvent | None:
@@ -868,7 +884,7 @@ class StageDetector:
         first = max(start + cfg.cooldown, n - cfg.window)
         if first > n - cfg.persistence:
             return None
-        x, curves, dof = self._arrays()
+        x, curves, dof = self._arrays(start)
         stage = {shape: (y[start:], var[start:]) for shape, (y, var) in curves.items()}
         # The change is the best explanation (least squares) of the points since the stage
         # began, among those that pass the tests; it is announced once it has persisted. A

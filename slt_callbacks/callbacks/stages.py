@@ -2,7 +2,9 @@
 
 A thin adapter: records arrive through the ``on_llc_record`` hook that
 :class:`~slt_callbacks.LLCMonitor` calls; :class:`~slt_callbacks.analysis.StageTracker`
-(framework-free) finds the stages; :mod:`slt_callbacks.wandb_views` presents them.
+(framework-free) finds the stages; :mod:`._stage_views` and :mod:`slt_callbacks.wandb_views`
+present them. At the end of training, :func:`related_histories` is the one reader of other
+monitors: their public, documented ``history`` lists, nothing else.
 """
 
 from __future__ import annotations
@@ -14,21 +16,19 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from slt_callbacks._checks import check_number, check_optional_int, check_state
-from slt_callbacks.analysis.noise import signed_log
 from slt_callbacks.analysis.online import DetectorConfig, StageEvent
-from slt_callbacks.analysis.tracker import Series, StageTracker, finite_or_none
+from slt_callbacks.analysis.tracker import Series, StageTracker
 from slt_callbacks.records import LLCRecord
 from slt_callbacks.sinks import AlertLevel, MetricSink
 from slt_callbacks.wandb_views import (
     BOUNDARY_COLUMNS,
     EVENT_COLUMNS,
     KIND_MEANING,
-    alert_stage_event,
     log_boundaries,
     log_component_chart,
-    log_stage_events,
 )
 
+from ._stage_views import estimate_metrics, publish_events
 from .llc import LLCMonitor
 
 if TYPE_CHECKING:
@@ -115,32 +115,24 @@ class StageTransitionMonitor(Callback):
             return
         if trainer.global_step == 0:  # a fresh fit (a resumed one loads its state later)
             self.tracker.reset()
-        producers = [cb for cb in trainer.callbacks if isinstance(cb, LLCMonitor)]
-        if not producers:
-            rank_zero_warn("StageTransitionMonitor: the trainer has no LLCMonitor, so no λ̂ "
-                           "estimates will arrive and no stage can be detected. Add "
-                           "LLCMonitor() to the trainer's callbacks.")
-        elif len(producers) > 1:
-            rank_zero_warn(f"StageTransitionMonitor: {len(producers)} LLCMonitors hand their "
-                           "estimates to this monitor, which cannot tell them apart; run one "
-                           "LLCMonitor per StageTransitionMonitor.")
-        if isinstance(self.components, list) and producers:
-            known = sorted(producers[0].components or {})
-            if missing := [name for name in self.components if name not in known]:
-                raise ValueError(f"Expected argument `components` to name components of the "
-                                 f"LLCMonitor ({known}) but got unknown {missing}.")
-        self._sink, self._logged = MetricSink.from_trainer(trainer), 0
-        self._sink.define_metrics(self.prefix)
+        _check_producers(trainer, self.components)
+        self._sink = None  # a new sink (and table count) for this fit
+        self._sink_for(trainer)
 
     def on_llc_record(self, trainer: pl.Trainer, pl_module: Any, record: LLCRecord) -> None:
         """Feed one estimate (called by LLCMonitor, on every process); publish the result."""
-        self._publish(trainer, self.tracker.add(record), record.step, measured=True)
+        events, sink, step = self.tracker.add(record), self._sink_for(trainer), record.step
+        sink.log(estimate_metrics(self.prefix, self.tracker), step=step)
+        self._publish(sink, events, step)
+        num_records = len(self.tracker.records)
+        if self.chart_every and num_records and num_records % self.chart_every == 0:
+            log_component_chart(sink, self.prefix, self.tracker.records, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._publish(trainer, self.tracker.flush(), trainer.global_step)
+        sink, step = self._sink_for(trainer), trainer.global_step
+        self._publish(sink, self.tracker.flush(), step)
         if not self.tracker.records:
             return
-        sink, step = self._sink_for(trainer), trainer.global_step
         if self.retrospective or self.relations:
             sink.summary_update(self.analyze(trainer))
             log_boundaries(sink, self.prefix, self.boundaries, self.comparisons, step)
@@ -151,7 +143,7 @@ class StageTransitionMonitor(Callback):
     def analyze(self, trainer: pl.Trainer | None = None) -> dict[str, Any]:
         """The retrospective analysis and the relations of everything recorded so far; the
         flat summary (``<prefix>retrospective/...``, ``<prefix>relation/...``)."""
-        related = _related(trainer, self.prefix, self.tracker.stages) if trainer else None
+        related = related_histories(trainer, self.prefix, self.tracker.stages) if trainer else None
         summary, self.boundaries, self.comparisons, self.relations_found = self.tracker.analyze(
             related, retrospective=self.retrospective, relations=self.relations,
             relation_sensitivity=self.relation_sensitivity)
@@ -161,35 +153,16 @@ class StageTransitionMonitor(Callback):
     def report(self) -> str:  # the events, the retrospective comparison and the relations
         return self.tracker.report(self.comparisons, self.boundaries, self.relations_found)
 
-    def _publish(
-        self, trainer: pl.Trainer, events: list[StageEvent], step: int, measured: bool = False
-    ) -> None:
-        sink, records = self._sink_for(trainer), self.tracker.records
-        if measured and records:  # the latest record processed
-            latest, key = records[-1], self.prefix
-            metrics: dict[str, Any] = {f"{key}stage" + ("" if n is None else f"/{n}"): s
-                                       for n, s in self.tracker.stages.items()}
-            metrics[f"{key}num_stage_events"] = len(self.tracker.events)
-            metrics[f"{key}stage_signal"] = finite_or_none(signed_log(latest.llc,
-                                                                      self.config.scale))
-            metrics[f"{key}llc_is_complexity"] = int(latest.status == "healthy")
-            sink.log({k: v for k, v in metrics.items() if v is not None}, step=step)
-        if events:
-            log_stage_events(sink, self.prefix, self.tracker.events[self._logged:], step)
+    def _publish(self, sink: MetricSink, events: list[StageEvent], step: int) -> None:
+        if events:  # (until then, events restored by a resume wait for the new sink's table)
+            publish_events(sink, self.prefix, events, unlogged=self.tracker.events[self._logged:],
+                           step=step, alert_level=self.alert_level, alert_wait_s=self.alert_wait_s,
+                           say=rank_zero_info if self.verbose else None, on_event=self.on_event)
             self._logged = len(self.tracker.events)
-        for event in events:
-            if self.alert_level is not None:
-                alert_stage_event(sink, self.prefix, event, self.alert_level, self.alert_wait_s)
-            if self.verbose:
-                rank_zero_info(f"StageTransitionMonitor: {event.message}")
-            if self.on_event is not None:
-                self.on_event(event)
-        if measured and self.chart_every and records and len(records) % self.chart_every == 0:
-            log_component_chart(sink, self.prefix, records, step)
 
     def _sink_for(self, trainer: pl.Trainer) -> MetricSink:
-        if self._sink is None:  # a hook called without `setup` (e.g. by hand)
-            self._sink = MetricSink.from_trainer(trainer)
+        if self._sink is None:  # set up in `setup`, or here for a hook called by hand
+            self._sink, self._logged = MetricSink.from_trainer(trainer), 0
             self._sink.define_metrics(self.prefix)
         return self._sink
 
@@ -209,9 +182,36 @@ def _check_arguments(on_event: Any, alert_level: Any, prefix: Any, **flags: Any)
                          f"{prefix!r}.")
 
 
-def _related(trainer: pl.Trainer, prefix: str, names: Mapping[str | None, int]):
-    """``{series: {quantity: {step: (value, stderr)}}}`` from the public ``history`` of the
-    other monitors (those with our prefix first)."""
+def _check_producers(trainer: pl.Trainer, components: bool | list[str]) -> None:
+    """Warn unless exactly one LLCMonitor feeds the monitor; raise if ``components`` names
+    one that LLCMonitor does not estimate."""
+    producers = [cb for cb in trainer.callbacks if isinstance(cb, LLCMonitor)]
+    if not producers:
+        rank_zero_warn("StageTransitionMonitor: the trainer has no LLCMonitor, so no λ̂ "
+                       "estimates will arrive and no stage can be detected. Add "
+                       "LLCMonitor() to the trainer's callbacks.")
+    elif len(producers) > 1:
+        rank_zero_warn(f"StageTransitionMonitor: {len(producers)} LLCMonitors hand their "
+                       "estimates to this monitor, which cannot tell them apart; run one "
+                       "LLCMonitor per StageTransitionMonitor.")
+    if isinstance(components, list) and producers:
+        known = sorted(producers[0].components or {})
+        if missing := [name for name in components if name not in known]:
+            raise ValueError(f"Expected argument `components` to name components of the "
+                             f"LLCMonitor ({known}) but got unknown {missing}.")
+
+
+def related_histories(
+    trainer: pl.Trainer, prefix: str, names: Mapping[str | None, int]
+) -> dict[str | None, dict[str, Series]]:
+    """``{series: {quantity: {step: (value, stderr)}}}`` for the series in ``names``.
+
+    The one place the stage monitor reads other callbacks: the public, documented
+    ``history`` list of every monitor but LLCMonitor (those with ``prefix`` first), each
+    entry a mapping with ``step`` and the quantities of ``_RELATED`` (``weight_norm``,
+    ``hessian_trace``, ``fisher_trace``, with ``/<component>`` for a component). The first
+    monitor whose history has a quantity supplies it.
+    """
     histories = sorted((cb for cb in trainer.callbacks if isinstance(getattr(cb, "history", None),
                         list) and not isinstance(cb, LLCMonitor)),
                        key=lambda cb: getattr(cb, "prefix", None) != prefix)

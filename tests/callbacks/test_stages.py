@@ -24,8 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from slt_callbacks import SGLDConfig
-from slt_callbacks.analysis.noise import standard_error
+from slt_callbacks.analysis.noise import signed_log, standard_error
+from slt_callbacks.analysis.tracker import StageTracker
 from slt_callbacks.callbacks import HessianTraceMonitor, LLCMonitor, WeightNormMonitor
+from slt_callbacks.callbacks._stage_views import estimate_metrics, publish_events
 from slt_callbacks.callbacks.stages import BOUNDARY_COLUMNS, EVENT_COLUMNS, StageTransitionMonitor
 from slt_callbacks.detect import DetectorConfig, StageDetector, StageKind
 from slt_callbacks.records import LLCRecord
@@ -401,6 +403,48 @@ def test_setup_warns_without_an_llc_monitor():
     trainer = SimpleNamespace(loggers=[], is_global_zero=True, callbacks=[monitor], global_step=0)
     with pytest.warns(UserWarning, match="no LLCMonitor"):
         monitor.setup(trainer, None, "fit")
+
+
+def test_setup_warns_with_two_llc_monitors_and_rejects_unknown_components():
+    llcs = [LLCMonitor(components={"w": "layer.weight"}) for _ in range(2)]
+    monitor = StageTransitionMonitor(components=["w"])
+    trainer = SimpleNamespace(loggers=[], is_global_zero=True, callbacks=[*llcs, monitor],
+                              global_step=0)
+    with pytest.warns(UserWarning, match="2 LLCMonitors"):
+        monitor.setup(trainer, None, "fit")
+    unknown = StageTransitionMonitor(components=["w", "head0"])
+    trainer.callbacks = [llcs[0], unknown]
+    with pytest.raises(ValueError, match=r"`components`.*\['w'\].*unknown \['head0'\]"):
+        unknown.setup(trainer, None, "fit")
+
+
+def test_estimate_metrics_and_event_fan_out_in_order():
+    tracker = StageTracker(num_chains=NUM_CHAINS, reorder_window=1)
+    records = make_records()
+    tracker.add(records[STEPS[0]])
+    assert estimate_metrics("slt/", tracker) == {}  # the first record waits in the window
+    events = []
+    for step in STEPS[1:]:
+        events += tracker.add(records[step])
+    latest = tracker.records[-1]
+    assert estimate_metrics("p/", tracker) == {
+        "p/stage": 2, "p/num_stage_events": 2, "p/llc_is_complexity": 1,
+        "p/stage_signal": pytest.approx(float(signed_log(latest.llc, tracker.config.scale))),
+    }
+    sink, calls = MagicMock(), []
+    sink.log_table.side_effect = lambda name, *a, **k: calls.append(("table", name))
+    sink.alert.side_effect = lambda title, *a, **k: calls.append(("alert", title))
+    options = dict(step=9, alert_level="WARN", alert_wait_s=60.0,
+                   say=lambda line: calls.append(("say", line)),
+                   on_event=lambda e: calls.append(("on_event", e.step)))
+    publish_events(sink, "p/", events[1:], unlogged=events, **options)
+    assert calls == [("table", "p/stage_events"), ("alert", "Stage transition (p/llc)"),
+                     ("say", f"StageTransitionMonitor: {events[1].message}"),
+                     ("on_event", events[1].step)]
+    assert len(sink.log_table.call_args.args[2]) == 2  # both unlogged events are rows
+    calls.clear()
+    publish_events(sink, "p/", [], unlogged=events, **options)  # nothing new: nothing sent
+    assert calls == []
 
 
 @pytest.mark.parametrize(
