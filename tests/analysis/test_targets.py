@@ -68,12 +68,12 @@ def test_jumps_at_ten_percent_noise_meet_the_targets():
 
 
 def test_trends_at_ten_percent_noise():
-    # Seeds 0-3 (held out from tuning) measured precision 0.85, recall 0.85, median delay 9
-    # (the 20 tuning seeds of the benchmark: 0.92 / 0.90 / 10): short of the 0.9 target on
-    # held-out curves, asserted as measured so that a regression fails. No test can answer
-    # within 3 checkpoints here (the bound in the module docstring of .online).
+    # Seeds 0-3 (held out from tuning) measured precision 0.90, recall 0.90, median delay 9
+    # with the kink noise mapped at the stage's level (0.85 / 0.85 before it); the 20 seeds
+    # 100-119 read 0.91 / 0.89 (benchmarks/results/detector.md). Asserted at the target. No
+    # test can answer within 3 checkpoints here (the bound in the module docstring of .online).
     precision, recall, delay = tally(TRENDS, range(4), 0.10)
-    assert precision >= 0.85 and recall >= 0.85 and delay <= 10
+    assert precision >= 0.9 and recall >= 0.9 and delay <= 10
 
 
 def test_retrospective_finds_the_jumps():
