@@ -14,7 +14,14 @@ larger spread of the two is noise.
 Rows: the MLP of ``speed.py`` (784-64-64-10, batch 256) with 1, 4 and 16 chains, and the
 HF GPT-2 transformer of issue #10 with 4 chains, each with backends auto, vmap and loop.
 
-Usage: ``python benchmarks/regression.py --base /work/wt/base [--repeats 3] [--only mlp]``.
+With ``--rule``, also the table behind ``backend="auto"``'s CPU rule
+(:func:`slt_callbacks.core.backends.auto_backend`): vmap against loop in this checkout on
+models from 1e5 to 3e9 FLOPs per forward (as counted by
+:func:`~slt_callbacks.core.backends.forward_flops`), 4 and 16 chains, same clock, best of
+``--repeats`` subprocesses each.
+
+Usage: ``python benchmarks/regression.py --base /work/wt/base [--repeats 3] [--only mlp]
+[--rule]``.
 """
 
 from __future__ import annotations
@@ -71,10 +78,104 @@ def measure(tree: str, problem: str, chains: int, backend: str) -> dict:
             "ran": speed.ours.last_backend, "llc": speed.ours.last_llc}
 
 
-def spawn(tree: str, row: tuple[str, int, str]) -> dict:
+RULE_MODELS = ("tinymlp", "smallcnn", "tinygpt", "mlp", "cnn", "midgpt", "transformer")
+
+
+def rule_problem(name: str):
+    """``(model, batches, loss_fn)`` of one model of the ``--rule`` table. None of them is
+    an ``nn.Sequential`` of ``nn.Linear``, so auto never runs the fast path on them."""
+    import speed
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Tanh3(nn.Module):  # 10-32-32-1 regression
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(10, 32), nn.Linear(32, 32), nn.Linear(32, 1)
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name in ("transformer", "mlp"):
+        model, batches = (speed.make_transformer if name == "transformer"
+                          else speed.make_problem)("cpu")
+        if name == "mlp":  # the anchor MLP as a Module that is not an nn.Sequential
+            model = nn.Sequential(nn.Sequential(*model))
+        return model, batches, speed.loss_fn
+    if name == "tinymlp":
+        batches = [(torch.randn(64, 10, generator=g), torch.randn(64, 1, generator=g))
+                   for _ in range(8)]
+        return Tanh3(), batches, lambda m, b: F.mse_loss(m(b[0]), b[1])
+    if name in ("smallcnn", "cnn"):
+        c, side, n = (4, 12, 32) if name == "smallcnn" else (8, 28, 64)
+        model = nn.Sequential(nn.Conv2d(1, c, 3), nn.ReLU(), nn.Conv2d(c, 2 * c, 3), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(2 * c * (side - 4) ** 2, 10))
+        batches = [(torch.randn(n, 1, side, side, generator=g),
+                    torch.randint(0, 10, (n,), generator=g)) for _ in range(8)]
+        return model, batches, speed.loss_fn
+    import transformers
+
+    d, vocab, tokens = (64, 100, 16) if name == "tinygpt" else (128, 1000, 32)
+    cfg = transformers.GPT2Config(n_layer=1, n_head=4, n_embd=d, vocab_size=vocab,
+                                  n_positions=tokens, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    batches = [torch.randint(0, vocab, (8, tokens), generator=g) for _ in range(4)]
+    return transformers.GPT2LMHeadModel(cfg), batches, speed.loss_fn
+
+
+def measure_rule(name: str, chains: int, backend: str) -> dict:
+    """The subprocess body of the ``--rule`` table (this checkout only)."""
+    import warnings
+
+    import speed
+    import torch
+
+    from slt_callbacks.core.llc import _prepare
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    speed.CLOCK = time.process_time
+    model, batches, loss = rule_problem(name)
+    speed.loss_fn = loss  # speed.ours and speed.floor_ms call the module's loss_fn
+    from slt_callbacks import SGLDConfig
+    from slt_callbacks.core.backends import forward_flops
+
+    flops = forward_flops(_prepare(model, loss, batches, SGLDConfig(), None, 0, None).problem)
+    steps = TRANSFORMER_STEPS if name == "transformer" else 50
+    reps = 3 if name == "transformer" else 50
+    floor = speed.floor_ms(model, batches, "cpu", reps)
+    seconds = speed.ours(model, batches, chains, steps, "cpu", backend, None)
+    return {"step_ms": seconds / (chains * steps) * 1e3, "floor_ms": floor, "flops": flops,
+            "ran": speed.ours.last_backend, "llc": speed.ours.last_llc}
+
+
+def rule_table(repeats: int) -> None:
+    print("\n## auto's CPU rule: vmap against loop in this checkout (best of "
+          f"{repeats} subprocesses each, alternating)\n")
+    print("| model | FLOPs per forward | chains | vmap ms/step | loop ms/step | vmap/loop "
+          "| spread vmap / loop | auto ran |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in RULE_MODELS:
+        for chains in (4,) if name == "transformer" else (4, 16):
+            runs: dict[str, list[dict]] = {"vmap": [], "loop": [], "auto": []}
+            for r in range(repeats):
+                for backend in ("vmap", "loop") if r % 2 == 0 else ("loop", "vmap"):
+                    runs[backend].append(spawn(TREE, (name, chains, backend), rule=True))
+            auto = spawn(TREE, (name, chains, "auto"), rule=True)
+            v, lp = summary(runs["vmap"]), summary(runs["loop"])
+            print(f"| {name} | {auto['flops']:.1e} | {chains} | {v['ms']:.3f} | {lp['ms']:.3f} "
+                  f"| {v['ms'] / lp['ms']:.2f} | {v['spread']:.0%} / {lp['spread']:.0%} "
+                  f"| {auto['ran']} |", flush=True)
+
+
+def spawn(tree: str, row: tuple[str, int, str], rule: bool = False) -> dict:
     """One measurement in a fresh process importing ``slt_callbacks`` from ``tree``."""
     problem, chains, backend = row
-    cmd = [sys.executable, __file__, "--one", tree, problem, str(chains), backend]
+    cmd = [sys.executable, __file__, "--rule-one" if rule else "--one", tree, problem,
+           str(chains), backend]
     env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -96,8 +197,14 @@ def main() -> None:
     p.add_argument("--base", help="the other checkout (the old code)")
     p.add_argument("--repeats", type=int, default=3, help="rounds per row (best of)")
     p.add_argument("--only", help="only rows whose 'problem-chains-backend' contains this")
+    p.add_argument("--rule", action="store_true", help="also the table behind auto's rule")
     p.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--rule-one", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rule_one:
+        _, name, chains, backend = args.rule_one
+        print(json.dumps(measure_rule(name, int(chains), backend)))
+        return
     if args.one:
         tree, problem, chains, backend = args.one
         print(json.dumps(measure(tree, problem, int(chains), backend)))
@@ -123,6 +230,8 @@ def main() -> None:
               f"| {old['ms']:.3f} | {new['ms']:.3f} | {new['ms'] / old['ms']:.2f} "
               f"| {old['spread']:.0%} | {new['spread']:.0%} | {old['floor_ratio']:.2f}x "
               f"| {new['floor_ratio']:.2f}x |", flush=True)
+    if args.rule:
+        rule_table(args.repeats)
     print(f"\n(load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
 
 
