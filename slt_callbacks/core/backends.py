@@ -191,14 +191,15 @@ class VmapBackend(Backend):
 
 BACKENDS: dict[str, type[Backend]] = {"vmap": VmapBackend, "loop": LoopBackend}
 
-LOOP_FLOPS = 5e7
+LOOP_FLOPS = 2e7
 """On a CPU, ``backend="auto"`` runs loop rather than vmap (where the fast path does not
 apply) for a model whose loss on one batch costs at least this many floating-point
-operations. Measured on one thread (``benchmarks/regression.py`` and the note in
-``benchmarks/results/speed_cpu.md``): below it the per-chain overhead vmap saves dominates
-(vmap 1.2-2.7x faster at 1e5-1e7 FLOPs with 4-16 chains); above it vmap's batched kernels
-cost more than they save (loop 1.1-1.9x faster for a small CNN at 1e8, 1.2x for the 3e9-FLOP
-GPT-2 of issue #10; a tie at 3e7-2e8 for MLPs and a small GPT-2)."""
+operations. Measured on one thread, 4 and 16 chains (``benchmarks/regression.py --rule``,
+``benchmarks/results/speed_cpu.md``): up to 1.4e7 FLOPs vmap saves more per-chain overhead
+than it costs (vmap/loop time 0.4-0.9 for a small MLP, CNN and GPT-2); from 2.8e7 on its
+batched kernels cost more than they save (1.04-1.16 for the anchor MLP as a generic model,
+1.15-1.9 for a CNN at 1e8, 1.03-1.14 for a GPT-2 at 1.7e8, 1.23 for the 2.9e9-FLOP GPT-2 of
+issue #10)."""
 
 
 def auto_backend(problem: SamplingProblem) -> str:
