@@ -194,12 +194,12 @@ BACKENDS: dict[str, type[Backend]] = {"vmap": VmapBackend, "loop": LoopBackend}
 LOOP_FLOPS = 2e7
 """On a CPU, ``backend="auto"`` runs loop rather than vmap (where the fast path does not
 apply) for a model whose loss on one batch costs at least this many floating-point
-operations. Measured on one thread, 4 and 16 chains (``benchmarks/regression.py --rule``,
-``benchmarks/results/speed_cpu.md``): up to 1.4e7 FLOPs vmap saves more per-chain overhead
-than it costs (vmap/loop time 0.4-0.9 for a small MLP, CNN and GPT-2); from 2.8e7 on its
-batched kernels cost more than they save (1.04-1.16 for the anchor MLP as a generic model,
-1.15-1.9 for a CNN at 1e8, 1.03-1.14 for a GPT-2 at 1.7e8, 1.23 for the 2.9e9-FLOP GPT-2 of
-issue #10)."""
+operations. Measured on one thread, 4 and 16 chains, in two runs
+(``benchmarks/regression.py --rule``, ``benchmarks/results/regression_cpu.md``): up to 1.4e7
+FLOPs vmap saves more per-chain overhead than it costs (vmap/loop time 0.4-0.92 for a small
+MLP, CNN and GPT-2); from 2.8e7 on its batched kernels cost about as much as they save or
+more (1.04-1.16 for the anchor MLP as a generic model, 1.08-1.91 for a CNN at 1e8,
+0.94-1.14 for a GPT-2 at 1.7e8, 1.15-1.23 for the 2.9e9-FLOP GPT-2 of issue #10)."""
 
 
 def auto_backend(problem: SamplingProblem) -> str:
