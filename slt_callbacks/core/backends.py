@@ -17,6 +17,9 @@ floating-point reassociation whichever runs:
   ``nn.Linear`` and elementwise activations on a CPU, a hand-written forward and backward
   per chain; ``backend="auto"`` chooses it where it applies (see that module).
 
+Where the fast path does not apply, ``backend="auto"`` runs :func:`auto_backend`'s choice:
+vmap, except on a CPU for a model whose loss costs at least :data:`LOOP_FLOPS` on one batch.
+
 All differentiate only w.r.t. the component's own coordinates (see
 :mod:`~slt_callbacks.core.space`): a head's chains pay no weight gradient for the other
 layers, and no gradient of the embedding. A backend is bound to one chunk of chains at a
@@ -187,6 +190,45 @@ class VmapBackend(Backend):
 
 
 BACKENDS: dict[str, type[Backend]] = {"vmap": VmapBackend, "loop": LoopBackend}
+
+LOOP_FLOPS = 2e7
+"""On a CPU, ``backend="auto"`` runs loop rather than vmap (where the fast path does not
+apply) for a model whose loss on one batch costs at least this many floating-point
+operations. Measured on one thread, 4 and 16 chains, in two runs
+(``benchmarks/regression.py --rule``, ``benchmarks/results/regression_cpu.md``): up to 1.4e7
+FLOPs vmap saves more per-chain overhead than it costs (vmap/loop time 0.4-0.92 for a small
+MLP, CNN and GPT-2); from 2.8e7 on its batched kernels cost about as much as they save or
+more (1.04-1.16 for the anchor MLP as a generic model, 1.08-1.91 for a CNN at 1e8,
+0.94-1.14 for a GPT-2 at 1.7e8, 1.15-1.23 for the 2.9e9-FLOP GPT-2 of issue #10)."""
+
+
+def auto_backend(problem: SamplingProblem) -> str:
+    """The generic backend ``backend="auto"`` runs: ``"loop"`` on a CPU when
+    :func:`forward_flops` is at least :data:`LOOP_FLOPS`, else ``"vmap"`` (which falls back
+    to loop if it cannot trace the model)."""
+    if problem.pool.device.type != "cpu":
+        return "vmap"
+    return "loop" if forward_flops(problem) >= LOOP_FLOPS else "vmap"
+
+
+def forward_flops(problem: SamplingProblem) -> int:
+    """Floating-point operations of the loss at w* on pool batch 0, as counted by
+    :class:`torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions and
+    attention; elementwise operations are not counted); 0 if it cannot count them. The
+    global RNG is left as it was, so a loss that draws random numbers sees the same stream
+    whichever backend runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    state = torch.get_rng_state()
+    try:
+        with torch.no_grad(), counter, autocast_context(problem.pool.device, problem.autocast):
+            problem.loss_with(problem.substitution({}), problem.batch(0))
+    except Exception:  # the loss itself already ran at w* on this batch: the counter failed
+        return 0
+    finally:
+        torch.set_rng_state(state)
+    return counter.get_total_flops()
 
 
 def _grads(

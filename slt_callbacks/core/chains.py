@@ -24,7 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import BACKENDS, VMAP_FAILURES, Backend, SamplingProblem, autocast_context
+from .backends import (
+    BACKENDS,
+    VMAP_FAILURES,
+    Backend,
+    SamplingProblem,
+    auto_backend,
+    autocast_context,
+)
 from .budget import Chunk, plan_chunks
 from .data import BatchPool
 from .fastpath import FastLinearBackend, FastPathUnsupported, fast_path_applies
@@ -96,8 +103,9 @@ def run_chains(
         step: the SGLD transform.
         generator: the only source of randomness (batch orders, per-slot noise seeds).
         backend: ``"auto"``, ``"vmap"`` or ``"loop"``. ``"auto"`` runs the fast path
-            (:mod:`~slt_callbacks.core.fastpath`) where it applies, else vmap, falling back
-            to loop if vmap cannot trace the model.
+            (:mod:`~slt_callbacks.core.fastpath`) where it applies, else
+            :func:`~slt_callbacks.core.backends.auto_backend`'s choice (vmap, or loop on a
+            CPU for a large model), falling back to loop if vmap cannot trace the model.
         max_memory: bytes the chains may use, ``"auto"`` or None (see
             :func:`~slt_callbacks.core.budget.plan_chunks`).
     """
@@ -130,9 +138,9 @@ class _Sampler:
                  dtype: torch.dtype) -> None:
         self.problem, self.step, self.num_steps = problem, step, num_steps
         self.orders, self.generators = orders, generators
-        self.generic: Backend = BACKENDS["vmap" if backend == "auto" else backend]()
-        self.try_fallback = backend == "auto"
-        self.try_fast = backend == "auto"
+        self.auto = backend == "auto"
+        self._generic: Backend | None = None if self.auto else BACKENDS[backend]()
+        self.try_fallback = self.try_fast = self.auto
         self.fallback_reason: str | None = None
         self.fast_path_reason: str | None = None
         self.ran: list[str] = []
@@ -166,15 +174,29 @@ class _Sampler:
         if self.backend.name not in self.ran:
             self.ran.append(self.backend.name)
 
+    @property
+    def generic(self) -> Backend:
+        """The backend where the fast path does not run; ``auto`` chooses it the first time
+        it is needed (:func:`~slt_callbacks.core.backends.auto_backend`)."""
+        if self._generic is None:
+            self._generic = BACKENDS[auto_backend(self.problem)]()
+            self.try_fallback = self._generic.name == "vmap"  # loop is the fallback
+        return self._generic
+
+    @generic.setter
+    def generic(self, backend: Backend) -> None:
+        self._generic = backend
+
     def _bind(self, space: ComponentSpace, theta: torch.Tensor, grad: torch.Tensor) -> None:
-        self.backend, self.validate = self.generic, False
         if self.try_fast and fast_path_applies(self.problem, space):
             self.backend, self.validate = FastLinearBackend(), True
+        else:
+            self.backend, self.validate = self.generic, False
         self.backend.bind(self.problem, space, theta, grad)
 
     def _forward_backward(self, batches: Sequence[int], must_depend: bool) -> torch.Tensor:
         backend = self.backend
-        if backend is not self.generic:
+        if backend is not self._generic:
             return self._fast_step(batches, must_depend)
         if not self.try_fallback:
             return backend.forward_backward(batches, must_depend=must_depend)

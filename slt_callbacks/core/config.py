@@ -93,8 +93,11 @@ class SGLDConfig:
         num_batches: batches drawn from ``data`` into the pool the chains sample from.
             None: one pass over ``data``, at most 128 batches. The pool defines L_n.
         backend: ``"vmap"`` (all chains in one batched forward/backward), ``"loop"`` (one
-            forward per chain; for models vmap cannot handle), or ``"auto"`` (vmap, falling
-            back to loop with a logged reason).
+            forward per chain; for models vmap cannot handle), or ``"auto"``: on a CPU the
+            fast path for ``nn.Sequential`` stacks of ``nn.Linear`` where it applies, else
+            loop for a model whose loss costs at least 2e7 FLOPs on one batch (where
+            batching stops paying on a CPU) and vmap below; on a GPU vmap. vmap falls back
+            to loop with a logged reason.
         train_mode: sample with the model in train mode (dropout on, BatchNorm on batch
             statistics). Default eval, as the estimator assumes a fixed function of w.
         max_memory: bytes the chains may use beyond the model and the data, or ``"auto"``

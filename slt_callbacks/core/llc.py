@@ -81,7 +81,9 @@ class LLCResult:
         config: the configuration used.
         backend: ``"fast"``, ``"vmap"`` or ``"loop"`` (joined by ``+`` when components ran
             on different ones); ``backend_reason`` says why loop, or why not the fast path,
-            if auto chose so.
+            if auto chose so. ``vmap_failed``: auto tried vmap and it could not run the
+            model, so those chains ran on loop (not set when auto chose loop for a large
+            model on a CPU, :func:`~slt_callbacks.core.backends.auto_backend`).
         seconds: wall time of the whole estimate.
     """
 
@@ -102,6 +104,7 @@ class LLCResult:
     backend: str = "vmap"
     backend_reason: str | None = None
     seconds: float = float("nan")
+    vmap_failed: bool = False
 
     @property
     def llc_per_chain(self) -> torch.Tensor:
@@ -110,9 +113,10 @@ class LLCResult:
 
     @property
     def fell_back_to_loop(self) -> bool:
-        """``backend="auto"`` ran some chains on the loop backend: vmap could not trace the
-        model (the core warned once). Callers pin ``backend="loop"`` for later estimates."""
-        return "loop" in self.backend.split("+")
+        """``backend="auto"`` ran some chains on the loop backend because vmap could not
+        trace the model (the core warned once). Callers pin ``backend="loop"`` for later
+        estimates."""
+        return self.vmap_failed and "loop" in self.backend.split("+")
 
     @property
     def healthy(self) -> bool:
@@ -439,6 +443,7 @@ def _summarise(
         num_samples=run.problem.pool.num_samples,
         config=config, criteria=criteria, backend=traces.backend,
         backend_reason=traces.fallback_reason or traces.fast_path_reason, seconds=seconds,
+        vmap_failed=traces.fallback_reason is not None,
     )
     steps = traces.loss.shape[-1]
     parts = [
@@ -478,6 +483,7 @@ def merge_results(results: Sequence[LLCResult], *, criteria: HealthCriteria | No
             backend=parts[0].backend,
             backend_reason=parts[0].backend_reason,
             seconds=max(p.seconds for p in parts),
+            vmap_failed=parts[0].vmap_failed,
         )
 
     merged = combine(results)

@@ -157,3 +157,44 @@ def test_max_memory_validation(value):
         SGLDConfig(max_memory=value)
     assert SGLDConfig(max_memory="auto").max_memory == "auto"
     assert SGLDConfig(max_memory=2**30).max_memory == 2**30
+
+
+class _Net(nn.Module):
+    """Not an nn.Sequential, so auto never runs the fast path on it; dropout draws from the
+    global RNG in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.drop, self.b = nn.Linear(5, 8), nn.Dropout(0.2), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(self.drop(torch.tanh(self.a(x))))
+
+
+def test_auto_runs_loop_on_a_cpu_for_a_model_of_many_flops(monkeypatch):
+    """The rule: vmap below LOOP_FLOPS per forward, loop at or above. The count runs the
+    loss once more but leaves the global RNG as it was, so auto's loop equals backend='loop'
+    exactly even with dropout; and choosing loop is not a vmap failure (callers pin loop
+    only after one)."""
+    from slt_callbacks.core import backends
+
+    torch.manual_seed(0)
+    model = _Net().double()
+    _, data, _ = mlp_problem()
+    problem = _problem(model, data)
+    assert backends.forward_flops(problem) == 2 * 64 * (5 * 8 + 8 * 2)
+    assert backends.auto_backend(problem) == "vmap"
+    small = run(model, data, None, backend="auto", train_mode=True)
+    assert small.backend == "vmap" and not small.fell_back_to_loop
+    monkeypatch.setattr(backends, "LOOP_FLOPS", 2 * 64 * (5 * 8 + 8 * 2))
+    auto = run(model, data, None, backend="auto", train_mode=True)
+    loop = run(model, data, None, backend="loop", train_mode=True)
+    assert auto.backend == "loop" and auto.backend_reason is None
+    assert not auto.vmap_failed and not auto.fell_back_to_loop
+    assert torch.equal(auto.loss_trace, loop.loss_trace)
+
+
+def _problem(model, data):
+    from slt_callbacks.core.llc import _prepare
+
+    return _prepare(model, mse_half, data, SGLDConfig(**CFG), None, 0, None).problem
