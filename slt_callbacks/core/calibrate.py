@@ -763,11 +763,14 @@ def _unsettled(best: list[_Candidate], why: str, history: list[str]) -> Settled:
     prefix = "; ".join(history) + "; " if history else ""
     if not best:
         return Settled(None, None, False, f"{prefix}{why}: no chain length verified.")
-    # The pair closest to agreement (its ε/2 was stationary at T too), else the finest
-    # stationary single run.
-    pick = min(best, key=lambda c: (c.ratio, c.step_size))
-    what = (f"the stationary pair closest to agreement (halving moved λ̂ by {pick.ratio:.2g} "
-            "standard errors)" if pick.pair else
+    # The stationary pair with the longest simulated time ε·T (at a singular minimum λ̂
+    # rises with it: short pairs can agree on the early plateau of the regular directions),
+    # ties broken by agreement; else the finest stationary single run.
+    pairs = [c for c in best if c.pair]
+    pick = (max(pairs, key=lambda c: (c.step_size * c.num_steps, -c.ratio)) if pairs
+            else min(best, key=lambda c: c.step_size))
+    what = (f"the stationary pair with the longest simulated time ε·T (halving moved λ̂ by "
+            f"{pick.ratio:.2g} standard errors)" if pick.pair else
             "the finest step size whose chains were stationary")
     return Settled(pick.step_size, pick.num_steps, False, (
         f"{prefix}{why}. Not verified: chose {what}, ε = {pick.step_size:.3g} with "
