@@ -86,7 +86,9 @@ linear network) do not change λ̂ and need not be mixed; only their effect on i
 the coarse step, which then halves). The recommended config has burn-in = draws = T/2.
 Within ``max_steps`` (the longest pilot chain; the phase costs at most a few times
 ``num_chains · max_steps`` gradient evaluations per halving) the rule may not verify; it
-then returns the stationary (ε, ε/2) pair closest to agreement, ``verified=False``.
+then returns the stationary (ε, ε/2) pair with the longest simulated time ε·T (ties: the
+one closest to agreement), ``verified=False``: at a singular minimum a short pair can agree
+on the early plateau of the regular directions and read λ̂ far too low.
 
 An unverified choice or no choice warns by default (``on_failure="warn"``), like an
 unhealthy LLC estimate; ``on_failure="raise"`` raises :class:`CalibrationError` instead.

@@ -155,12 +155,28 @@ def test_settle_out_of_budget_is_unverified_and_says_so():
     run = FakeChains(bias=0.001, relax=1000.0)
     s = settle(run, 1e-5, min_steps=2000, max_steps=4000, max_halvings=3, num_chains=4)
     assert not s.verified and "max_steps = 4000" in s.reason and "Not verified" in s.reason
-    # A bias that never falls below the se within the halvings: the stationary pair closest
-    # to agreement (ε = 5e-6 against 2.5e-6: half the shift of 1e-5 against 5e-6).
+    # A bias that never falls below the se within the halvings: both pairs have the same
+    # simulated time (T doubles as ε halves), so the one closer to agreement (ε = 5e-6
+    # against 2.5e-6: half the shift of 1e-5 against 5e-6).
     run = FakeChains(bias=10.0, relax=10.0)
     s = settle(run, 1e-5, min_steps=2000, max_steps=64_000, max_halvings=1, num_chains=4)
     assert not s.verified and s.step_size == pytest.approx(5e-6)
-    assert "Not verified" in s.reason and "closest to agreement" in s.reason
+    assert "Not verified" in s.reason and "longest simulated time" in s.reason
+
+
+def test_out_of_budget_prefers_the_pair_that_ran_longest_in_simulated_time():
+    """At a singular minimum λ̂ first sits on the plateau of the regular directions: a short
+    (ε, ε/2) pair can agree there (measured: depth-4 DLN, T = 2000, 31% low) while longer
+    pairs disagree more but have mixed further. Out of budget, the longest ε·T wins."""
+    from slt_callbacks.core.calibrate import _Candidate, _unsettled
+
+    short = _Candidate(0.5, 2e-5, 2000, 2.7, True)      # ε·T = 0.04, agrees
+    long = _Candidate(2.5, 1e-5, 16000, 3.1, True)      # ε·T = 0.16, disagrees more
+    single = _Candidate(math.inf, 5e-6, 64000, 3.2, False)  # not a pair
+    s = _unsettled([short, long, single], "budget", [])
+    assert (s.step_size, s.num_steps) == (1e-5, 16000) and not s.verified
+    s = _unsettled([single], "budget", [])
+    assert s.step_size == 5e-6 and "finest step size" in s.reason
 
 
 class DivergingChains(FakeChains):
