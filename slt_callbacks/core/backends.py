@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .data import BatchPool
-from .functional import LossModule, check_scalar_loss, math_attention
+from .functional import LossModule, check_scalar_loss, math_attention, preserve_rng
 from .space import ComponentSpace
 
 NO_GRAD = (
@@ -220,14 +220,13 @@ def forward_flops(problem: SamplingProblem) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    state = torch.get_rng_state()
+    device = problem.pool.device
     try:
-        with torch.no_grad(), counter, autocast_context(problem.pool.device, problem.autocast):
+        with (preserve_rng(device), torch.no_grad(), counter,
+              autocast_context(device, problem.autocast)):
             problem.loss_with(problem.substitution({}), problem.batch(0))
     except Exception:  # the loss itself already ran at w* on this batch: the counter failed
         return 0
-    finally:
-        torch.set_rng_state(state)
     return counter.get_total_flops()
 
 

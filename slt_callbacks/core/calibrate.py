@@ -926,10 +926,11 @@ def calibrate(
     ladder = (list(DEFAULT_LOCALIZATIONS) if localizations is None
               else _check_grid("localizations", localizations, allow_zero=True))
     # One pool for every grid point: a shuffling DataLoader must not change L_n between them.
-    pool = build_pool(data, num_batches=base.num_batches, device=_device_of(model))
+    device = _device_of(model)
+    pool = build_pool(data, num_batches=base.num_batches, device=device)
     batches = [pool.batch(i) for i in range(pool.num_batches)]
     lam_max, power_note = _top_eigenvalue(model, loss_fn, batches[0], num_power_iterations,
-                                          seed)  # fmt: skip
+                                          seed, device)  # fmt: skip
     trial = replace(base, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
                     num_chains=num_chains)
     screen = _Screen(model, loss_fn, batches, trial, criteria, lam_max, pool.num_samples,
@@ -989,11 +990,10 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _top_eigenvalue(model: nn.Module, loss_fn: LossFn, batch: Any, num_iterations: int,
-                    seed: int) -> tuple[float, str]:  # fmt: skip
+                    seed: int, device: torch.device) -> tuple[float, str]:  # fmt: skip
     """λ_max of the Hessian at w* (NaN where not estimated) and a note on why not."""
     if not num_iterations:
         return float("nan"), ""
-    device = _device_of(model)
     try:
         lam_max = top_hessian_eigenvalue(
             model, loss_fn, batch, num_iterations=num_iterations,
