@@ -19,7 +19,10 @@ point ``k`` among the last ``window`` checkpoints, whether the points from ``k``
 that line, either by a **jump** (a step of the level, the slope unchanged) or by a **kink**
 (a change of slope, the level continuous). Both are one-parameter extensions of the line,
 fitted by weighted least squares (jumps on the signed-log scale, kinks on λ̂ itself); the
-coefficient's t is the generalized likelihood ratio test of one added parameter.
+coefficient's t is the generalized likelihood ratio test of one added parameter. A jump may
+take up to 3 checkpoints (a *ramp*): the points in transit are free in its fit (any path
+between the levels), each one must lie between them, and each costs Akaike's 2 in the
+comparison of candidates; the change point is where λ̂ itself is past half-way.
 
 - A **jump** counts when its t exceeds ``sensitivity``, it is of a practical size
   (``min_jump``), every one of the ``persistence`` points after ``k`` deviates from the old
@@ -445,6 +448,12 @@ class _Change:
 # A jump may take up to this many checkpoints: real transitions are ramps of 2-4 estimates
 # (the model takes a while to leave a saddle), which a step cannot fit.
 _RAMP_WIDTHS = (0, 1, 2, 3)
+# A free point of a ramp costs this much residual sum of squares (in noise variances) when
+# candidates are compared: Akaike's 2 per parameter, so a wider ramp wins only where its
+# points are off the two levels.
+_RAMP_POINT_PENALTY = 2.0
+# ... and each of its points must be this fraction of the jump away from both levels.
+_IN_TRANSIT = 0.1
 # A stage with at least this many checkpoints before a candidate jump may curve.
 _CURVED_STAGE = 8
 
@@ -492,16 +501,17 @@ def _candidates(x, lo, first, n, persistence, shape):
             if shape == "kink" and n - k - 1 < persistence:
                 continue
             xs = xs_all - x[k]
-            if shape == "jump":
-                column = np.clip((index - k + 1) / (width + 1), 0.0, 1.0)
-            else:
-                column = np.maximum(xs, 0.0)
+            # A ramp's points between the levels are free (one indicator each): a real
+            # transition need not pass the levels in equal steps (−24 -> 2.8 -> 15 at the
+            # last saddle of the quickstart is concave on the signed-log scale).
+            ramp = [(index == j).astype(float) for j in range(k, end)]
+            column = (index >= end).astype(float) if shape == "jump" else np.maximum(xs, 0.0)
             # A jump is tested against a stage that may curve (a quadratic in log-step):
             # a trend that is straight in λ̂ bends on the log scale, and a jump must be
             # sudden, not the bend. A curvature needs a stage of some length to be told
             # from the jump itself.
             curved = shape == "jump" and k - lo >= _CURVED_STAGE
-            columns = [np.ones_like(xs), xs] + ([xs * xs] if curved else [])
+            columns = [np.ones_like(xs), xs] + ([xs * xs] if curved else []) + ramp
             designs, where = groups.setdefault(len(columns) + 1, ([], []))
             designs.append(np.stack([*columns, column], axis=1))
             where.append((k, end))
@@ -516,7 +526,7 @@ def _fits(
     persistence: int,
 ) -> list[_Change]:
     """Every candidate change from ``first`` on: the line of the stage plus a jump (a step,
-    or a linear ramp over up to 3 checkpoints) or a kink (a hinge), fitted by weighted
+    or a ramp whose up to 3 points in transit are free) or a kink (a hinge), fitted by weighted
     least squares over one common range ``[first − window, n)``, so that the residual sums
     of squares of all candidates compare. ``curves[shape]`` is ``(values, noise
     variances)`` on the scale that shape is tested on. A jump is also fitted on the kink's
@@ -542,6 +552,9 @@ def _fits(
                 other_rss = np.where(np.isfinite(b2).all(axis=1), (r2 * r2).sum(axis=1), math.inf)
             else:
                 other_rss = np.full(len(where), math.inf)
+            # A ramp's midpoint on λ̂ itself where it is fitted (the loss drops with λ̂, not
+            # with its logarithm: −8,150 -> −2,600 -> −680 is past half-way at −2,600).
+            mid = (y2[lo:], b2) if shape == "jump" and "kink" in curves else (ys, beta)
             old = np.einsum("cnp,cp->cn", design[:, :, :-1], beta[:, :-1])
             fitted = old + design[:, :, -1] * beta[:, -1:]
             residual = (ys - fitted) / sigma  # (candidate, point)
@@ -549,15 +562,18 @@ def _fits(
             for c, (k, end) in enumerate(where):
                 if not np.isfinite(beta[c]).all():
                     continue
+                if shape == "jump" and not _in_transit(ys, design[c], beta[c], k, end, lo):
+                    continue
                 stderr = math.sqrt(max(float(cov[c, -1, -1]), 0.0))
                 # A kink's deviations grow from 0: only the latest must agree.
                 post = slice(end - lo, None) if shape == "jump" else slice(-persistence, None)
                 coefficient = float(beta[c, -1])
+                penalty = _RAMP_POINT_PENALTY * (end - k)  # a free point must earn its place
                 new_var = float(cov[c, 1, 1] + cov[c, -1, -1] + 2 * cov[c, 1, -1])
                 out.append(
                     _Change(
                         shape=shape,
-                        kink=k + max(end - k - 1, 0) // 2,
+                        kink=_midpoint(*mid, design[c], c, k, end, lo),
                         begin=k,
                         end=end,
                         start=lo,
@@ -567,14 +583,46 @@ def _fits(
                         level=float(beta[c, 0]),
                         slope=float(beta[c, 1]),
                         deviations=deviation[c, post],
-                        misfit=float(np.sqrt(np.mean(residual[c, k - lo :] ** 2))),
-                        rss=float(residual[c] @ residual[c]),
+                        misfit=float(np.sqrt(np.mean(residual[c, end - lo :] ** 2))),
+                        rss=float(residual[c] @ residual[c]) + penalty,
                         other_t=float(other[c]),
-                        other_rss=float(other_rss[c]),
+                        other_rss=float(other_rss[c]) + penalty,
                         new_slope_stderr=math.sqrt(max(new_var, 0.0)),
                     )
                 )
     return out
+
+
+def _ramp_fractions(y: np.ndarray, design: np.ndarray, beta: np.ndarray, k: int, end: int,
+                    lo: int) -> np.ndarray:
+    """How far each point of a ramp from ``k`` to ``end`` is on its way from the stage's line
+    (0) to the new level (1)."""
+    base = design.shape[1] - 1 - (end - k)  # the stage's line; then the ramp's indicators
+    line = design[k - lo : end - lo, :base] @ beta[:base]
+    return (y[k - lo : end - lo] - line) / beta[-1]
+
+
+def _in_transit(y: np.ndarray, design: np.ndarray, beta: np.ndarray, k: int, end: int,
+                lo: int) -> bool:
+    """Whether every point of a ramp lies between the levels, at least ``_IN_TRANSIT`` of the
+    jump from each: a point as close to a level belongs to it (a wiggle of the new level is no
+    ramp, and a free point there would delay the announcement)."""
+    frac = _ramp_fractions(y, design, beta, k, end, lo)
+    return bool(np.all((frac >= _IN_TRANSIT) & (frac <= 1 - _IN_TRANSIT)))
+
+
+def _midpoint(y: np.ndarray, betas: np.ndarray, design: np.ndarray, c: int, k: int, end: int,
+              lo: int) -> int:
+    """Where a ramp from ``k`` to ``end`` crosses half its jump: the first of its points at
+    least half-way from the old line to the new level (``end`` if none is). A kink's change
+    point is the kink itself."""
+    if end <= k:
+        return k
+    beta = betas[c]
+    if not np.isfinite(beta).all():
+        return k
+    past = np.nonzero(_ramp_fractions(y, design, beta, k, end, lo) >= 0.5)[0]
+    return k + (int(past[0]) if past.size else end - k)
 
 
 def _loss_change(
@@ -894,9 +942,11 @@ class StageDetector:
         best: _Change | None = None
         pending: _Change | None = None
         changes = _fits(x[start:], stage, first - start, cfg.window, cfg.persistence)
+        real: list[_Change] = []
         for change in _contenders(changes):
             if not self._real(change, changes, dof):
                 continue
+            real.append(change)
             unconfirmed = change.shape == "jump" and n - (start + change.end) < cfg.persistence
             if unconfirmed and (pending is None or change.rss < pending.rss):
                 pending = change
@@ -907,15 +957,15 @@ class StageDetector:
         held = pending is not None and pending.begin > best.begin and pending.rss < best.rss
         if best.shape == "kink" and held:
             return None
-        persisted = n - (start + best.end) if best.shape == "jump" else n - (start + best.kink)
-        if persisted < self._needed(best.shape):
+        best = self._confirmed(best, real, n - start)
+        if best is None:
             return None
         event = self._event(best, start, x, curves, dof)
         self._events.append(event)
-        # The new stage starts one checkpoint after the new level is reached (a ramp's end):
-        # transitions finish smoothly, and the points of the ramp and the one after it,
-        # which belong to neither level, would bias the new stage's line.
-        self._stage_start = self._dropped + start + best.end + (best.shape == "jump")
+        # The new stage starts where the new level is reached (a ramp's end): the points of
+        # the ramp belong to neither level (they were free in the jump's fit) and would bias
+        # the new stage's line.
+        self._stage_start = self._dropped + start + best.end
         return event
 
     def _real(self, change: _Change, changes: list[_Change], dof: float) -> bool:
@@ -939,6 +989,21 @@ class StageDetector:
         return change.other_t >= trend_threshold(cfg.sensitivity, dof) and (
             clear or change.other_rss <= kink_rss
         )
+
+    def _confirmed(self, best: _Change, real: list[_Change], n: int) -> _Change | None:
+        """``best`` once it has persisted; else, for a jump, the best real jump from the same
+        change point that has (a ramp that has not ended yet may be a step whose next point
+        wiggles: the jump itself is established)."""
+
+        def persisted(c: _Change) -> bool:
+            return n - (c.end if c.shape == "jump" else c.kink) >= self._needed(c.shape)
+
+        if persisted(best):
+            return best
+        if best.shape != "jump":
+            return None
+        same = [c for c in real if c.shape == "jump" and c.begin == best.begin and persisted(c)]
+        return min(same, key=lambda c: c.rss) if same else None
 
     def _needed(self, shape: str) -> int:
         """Checkpoints from the change point on (itself included) before a change of this

@@ -168,3 +168,33 @@ def test_pure_decisions_say_why():
     assert classify_kind(Regime.RISING, Regime.FALLING)[0] is StageKind.ACQUIRE
     assert classify_kind(Regime.FALLING, Regime.FLAT)[0] is StageKind.SIMPLIFY
     assert classify_kind(Regime.RISING, Regime.UNCERTAIN)[0] is StageKind.TURN
+
+
+def test_a_concave_ramp_at_the_last_saddle_is_one_jump():
+    """The λ̂ curve of ``examples/quickstart.py --config auto`` (recorded 2026-12-02, its
+    provisional config until step 365, then the calibrated one): the last transition runs
+    −24 -> 2.8 -> 15 (concave on the signed-log scale, so no straight ramp fits it within
+    the noise). Before ramps had free points in transit, the detector missed it and later
+    announced a false ``simplify`` from the extrapolated ramp. Loss drops at 40, 112, 295."""
+    steps = [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 12, 13, 15, 18, 21, 24, 27, 32, 37, 42, 49, 56, 65,
+        75, 87, 100, 115, 133, 154, 178, 205, 237, 274, 316, 365, 422, 487, 562, 649, 750, 866,
+        1000, 1155, 1334, 1540, 1778]
+    llc = [-8154.2, -8151.1, -8154.1, -8145.1, -8146.1, -8155, -8148.1, -8151.8, -8165.9,
+        -8156.7, -8150, -8153.2, -8146.1, -8164.5, -8134.9, -8140.4, -8109.5, -7903.2, -6626.4,
+        -2609.5, -681.91, -662.67, -665.22, -661.76, -641.63, -567.71, -279.66, -37.769,
+        -25.326, -21.756, -30.551, -30.937, -24.36, 2.8035, 15.419, 16.249, 15.92, 15.93,
+        16.043, 16.63, 16.506, 15.541, 16.282, 16.79, 16.609, 16.115]
+    stderr = [5.97, 10.9, 14.4, 6.74, 4.95, 7.47, 6.1, 13.7, 10.3, 4.15, 9.84, 6.76, 16.1,
+        8.49, 9.75, 10.1, 2.52, 6.01, 6.03, 2.61, 1.67, 2.84, 1.55, 1.18, 2.18, 1.74, 2.32,
+        3.95, 0.669, 3.24, 0.636, 0.634, 0.837, 0.101, 0.64, 0.208, 0.27, 0.244, 0.369, 0.553,
+        0.352, 0.164, 0.833, 0.449, 0.49, 0.339]
+    loss = [56.018, 56.018, 56.018, 56.018, 56.018, 56.018, 56.018, 56.018, 56.018, 56.018,
+        56.017, 56.016, 56.013, 56.001, 55.968, 55.865, 55.539, 53.321, 42.237, 14.011, 5.131,
+        5.0926, 5.0641, 5.0143, 4.8615, 4.2033, 2.1188, 0.59614, 0.51298, 0.50987, 0.50003,
+        0.47083, 0.35787, 0.11815, 0.0065192, 0.00017363, 9.0488e-06, 4.4734e-07, 1.3799e-08,
+        2.4831e-10, 8.9316e-12, 5.9548e-12, 5.3993e-12, 5.2419e-12, 5.1241e-12, 5.0583e-12]
+    detector = StageDetector()
+    for args in zip(steps, llc, stderr, loss, strict=True):
+        detector.update(*args)
+    found = [(e.step, StageKind(e.kind).value, e.shape) for e in detector.events]
+    assert found == [(42, "acquire", "jump"), (115, "acquire", "jump"), (316, "acquire", "jump")]
