@@ -2,9 +2,10 @@
 
 Default suite: the problem's pieces against their closed forms, and a tiny run of the
 quickstart (four monitors in a real Trainer, CSV logger, the plot). Slow (``-m slow``): the
-targets of the quickstart run at the monitors' defaults: one ``acquire`` event per loss drop
-within a factor 1.3 in step, and the final plateau's λ̂ within 15% of the
-reduced-rank-regression value; and the same final value with a config tuned for accuracy.
+targets of the quickstart run with ``config="auto"`` (its default: no hand tuning) and with a
+config chosen by hand: one ``acquire`` event per loss drop within a factor 1.3 in step, and
+the final plateau's λ̂ within 15% of the reduced-rank-regression value; ``SGLDConfig()``
+throughout misses the final value.
 """
 
 from __future__ import annotations
@@ -180,16 +181,19 @@ def _final_plateau(history: list[dict], last_drop: int) -> list[dict]:
     "config",
     [
         pytest.param("default", marks=pytest.mark.xfail(strict=False, reason=(
-            "measured 2026-12-01 with SGLDConfig() = ε 1e-3, γ 100 and the jump detector: "
-            "events at 42 and 115 but none for the third drop (295), final plateau +19%"))),
+            "measured 2026-12-02 with SGLDConfig() = ε 1e-3, γ 100 throughout: events at 42, "
+            "115 and 316 for the drops at 40, 112 and 295, but the final plateau reads 19.04 "
+            "against 16 (+19%): ε·nβ·λ_max ≈ 3 is coarse for this model"))),
+        "auto",
         "gamma1",
     ],
 )  # fmt: skip
 def test_quickstart_finds_every_drop_and_the_final_lambda(tmp_path, config: str) -> None:
     """The targets of the quickstart: each loss drop gives exactly one ``acquire`` event within
     a factor 1.3 in step, and the final plateau's λ̂ is within 15% of the reduced-rank value.
-    ``default``: the monitors' defaults, whatever they are on this branch (no hand tuning);
-    ``gamma1``: weak localization and long chains (the config known to read the final λ)."""
+    ``auto``: ``LLCMonitor(config="auto")``, the demo's default (measured 2026-12-02: events
+    at 42, 115, 316, plateau 16.19, +1%); ``default``: ``SGLDConfig()`` throughout;
+    ``gamma1``: weak localization and long chains chosen by hand."""
     qs = _quickstart()
     problem = SaddleProblem()
     result = qs.run(problem, steps=2000, out=tmp_path / "run", config=qs.CONFIGS[config],
