@@ -88,7 +88,10 @@ Within ``max_steps`` (the longest pilot chain; the phase costs at most a few tim
 ``num_chains · max_steps`` gradient evaluations per halving) the rule may not verify; it
 then returns the stationary (ε, ε/2) pair with the longest simulated time ε·T (ties: the
 one closest to agreement), ``verified=False``: at a singular minimum a short pair can agree
-on the early plateau of the regular directions and read λ̂ far too low.
+on the early plateau of the regular directions and read λ̂ far too low. If the chains at ε/2
+ran the whole budget still rising (not stationary, trend > 0), travelled further (larger
+ε·T) and read λ̂ above that pair, their ε and T are returned instead, and the reason says its λ̂ is
+a lower bound. With no stationary pilot at all no config is returned.
 
 An unverified choice or no choice warns by default (``on_failure="warn"``), like an
 unhealthy LLC estimate; ``on_failure="raise"`` raises :class:`CalibrationError` instead.
@@ -645,19 +648,24 @@ def settle(
        doubles; if not (discretisation bias), or if the coarse chains were not stationary
        (they drift into stiffer regions), ε halves, at most ``max_halvings`` times.
 
-    When the budget runs out, the finest step size whose chains were stationary is returned
-    with ``verified=False``; when none was, ``step_size`` and T are None.
+    When the budget runs out, the stationary pair with the longest simulated time ε·T is
+    returned with ``verified=False`` (a single stationary run where no pair was), or a run
+    that travelled further and whose λ̂ was still rising above it (a lower bound); when no
+    chains were stationary, ``step_size`` and T are None.
     """
     eps, steps, halvings = step_size, min_steps, 0
-    best: list[_Candidate] = []  # stationary pairs (ε, ε/2 at T), else single runs
+    best: list[_Candidate] = []  # stationary pairs (ε, ε/2 at T), single runs, rising runs
     history: list[str] = []
     while True:
-        fine, steps, why = _stationary_length(run, eps / 2, steps, max_steps)
+        fine, steps, why, last = _stationary_length(run, eps / 2, steps, max_steps)
         if fine is None and why.endswith("diverged") and halvings < max_halvings:
             history.append(why)  # too coarse for long chains: halve, same simulated time
             eps, steps, halvings = eps / 2, 2 * steps, halvings + 1
             continue
         if fine is None:
+            if last is not None and _rising(last.mixing):  # the whole budget, still rising
+                best.append(_Candidate(math.inf, eps / 2, last.num_steps, last.mixing.llc,
+                                       False, rising=True))
             return _unsettled(best, why, history)
         best.append(_Candidate(math.inf, eps / 2, steps, fine.mixing.llc, False))
         coarse = run(eps, steps)
@@ -687,14 +695,20 @@ def settle(
 
 
 class _Candidate(NamedTuple):
-    """A fallback of :func:`settle`: a stationary pair (ratio = |shift| / se), else a
-    single stationary run (ratio inf)."""
+    """A fallback of :func:`settle`: a stationary pair (ratio = |shift| / se), a single
+    stationary run (ratio inf), or a run whose λ̂ was still rising (``rising``, ratio inf)."""
 
     ratio: float
     step_size: float
     num_steps: int
     llc: float
     pair: bool
+    rising: bool = False
+
+
+def _rising(m: Mixing) -> bool:
+    """λ̂ finite, positive and still rising (not stationary, trend > 0)."""
+    return not m.stationary and math.isfinite(m.llc) and m.llc > 0 and m.trend > 0
 
 
 def _fine_still_moving(run: PilotFn, fine: PilotRun, eps: float, steps: int, max_steps: int,
@@ -733,25 +747,26 @@ def _under_mixed(run: PilotFn, coarse: PilotRun, eps: float, steps: int, max_ste
 
 def _stationary_length(
     run: PilotFn, eps: float, steps: int, max_steps: int
-) -> tuple[PilotRun | None, int, str]:
+) -> tuple[PilotRun | None, int, str, PilotRun | None]:
     """The first T (doubling from ``steps``, at most ``max_steps``) at which the chains at
-    ``eps`` are stationary; None with the reason if there is none."""
+    ``eps`` are stationary; None with the reason if there is none, and the last run when
+    the budget ran out."""
     last = None
     while steps <= max_steps:
         last = run(eps, steps)
         m = last.mixing
         if m.stationary:
-            return last, steps, ""
+            return last, steps, "", None
         if not math.isfinite(m.llc):
-            return None, steps, f"at ε = {eps:.3g}, T = {steps} some chain diverged"
+            return None, steps, f"at ε = {eps:.3g}, T = {steps} some chain diverged", None
         if m.llc <= 0:
             return None, steps, (f"at ε = {eps:.3g}, T = {steps} λ̂ = {m.llc:.3g} ≤ 0: the "
                                  "chains escape below L_n(w*) in long runs (no minimum at "
-                                 "this γ)")
+                                 "this γ)"), None
         steps *= 2
     why = (f"the budget max_steps = {max_steps} is too short for stationary chains at "
            f"ε = {eps:.3g}" + (f" ({last.mixing.reason})" if last else ""))
-    return None, steps, why
+    return None, steps, why, last
 
 
 def _halving_text(eps: float, steps: int, coarse: Mixing, h: Halving) -> str:
@@ -763,17 +778,32 @@ def _halving_text(eps: float, steps: int, coarse: Mixing, h: Halving) -> str:
 
 def _unsettled(best: list[_Candidate], why: str, history: list[str]) -> Settled:
     prefix = "; ".join(history) + "; " if history else ""
-    if not best:
+    stationary = [c for c in best if not c.rising]
+    if not stationary:
         return Settled(None, None, False, f"{prefix}{why}: no chain length verified.")
     # The stationary pair with the longest simulated time ε·T (at a singular minimum λ̂
     # rises with it: short pairs can agree on the early plateau of the regular directions),
     # ties broken by agreement; else the finest stationary single run.
-    pairs = [c for c in best if c.pair]
+    pairs = [c for c in stationary if c.pair]
     pick = (max(pairs, key=lambda c: (c.step_size * c.num_steps, -c.ratio)) if pairs
-            else min(best, key=lambda c: c.step_size))
+            else min(stationary, key=lambda c: c.step_size))
     what = (f"the stationary pair with the longest simulated time ε·T (halving moved λ̂ by "
             f"{pick.ratio:.2g} standard errors)" if pick.pair else
             "the finest step size whose chains were stationary")
+    # The finest chains ran the whole budget, travelled further in simulated time and
+    # still rose above the stationary pick: the pick sat on the early plateau (measured:
+    # a depth-4 DLN, the only stationary pair 21% low at ε·T = 0.1, the chains at ε/2
+    # 3.5% low at ε·T = 0.8 and rising). They read λ̂ from below, closer: they are chosen,
+    # and the reason says it is a lower bound.
+    rising = [c for c in best if c.rising and c.llc > pick.llc
+              and c.step_size * c.num_steps > pick.step_size * pick.num_steps]
+    if rising:
+        further = max(rising, key=lambda c: (c.step_size * c.num_steps, c.llc))
+        what = (f"the chains that travelled furthest (ε·T = "
+                f"{further.step_size * further.num_steps:.2g}, against "
+                f"{pick.step_size * pick.num_steps:.2g} for {what}, λ̂ = {pick.llc:.4g}), "
+                "whose λ̂ was still rising: a lower bound")
+        pick = further
     return Settled(pick.step_size, pick.num_steps, False, (
         f"{prefix}{why}. Not verified: chose {what}, ε = {pick.step_size:.3g} with "
         f"T = {pick.num_steps} steps (λ̂ = {pick.llc:.4g}); raise `max_steps` to verify it."))

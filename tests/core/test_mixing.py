@@ -212,3 +212,61 @@ def test_first_pilot_step_is_the_largest_finite_local_step_with_acceptance():
             row(3e-4, 0.9, Status.DIVERGED, diverged=1), row(1e-3, 0.95, gamma=10.0)]
     assert _first_pilot_step(rows, chosen) == 3e-5  # acceptance 0.85 ≥ START_ACCEPTANCE
     assert _first_pilot_step([chosen], chosen) == 1e-5
+
+
+def test_out_of_budget_prefers_a_further_run_still_rising_above_the_stationary_pair():
+    """Measured on a depth-4 DLN (teacher seed 1): the only stationary pair was short
+    (ε·T = 0.10, λ̂ 2.9, 21% low) while ε/2 run over the whole budget was still rising
+    (ε·T = 0.83, λ̂ 3.86). The rising run is the closer reading, from below."""
+    from slt_callbacks.core.calibrate import _Candidate, _unsettled
+
+    pair = _Candidate(2.2, 2.6e-5, 4000, 2.91, True)
+    rising = _Candidate(math.inf, 1.3e-5, 64000, 3.86, False, rising=True)
+    s = _unsettled([pair, rising], "budget", [])
+    assert (s.step_size, s.num_steps) == (1.3e-5, 64000) and not s.verified
+    assert "lower bound" in s.reason and "still rising" in s.reason
+    # Not chosen when it travelled less far, or reads below the pair (not on its way up).
+    shorter = _Candidate(math.inf, 1.3e-5, 4000, 3.86, False, rising=True)
+    lower = _Candidate(math.inf, 1.3e-5, 64000, 2.5, False, rising=True)
+    for other in (shorter, lower):
+        s = _unsettled([pair, other], "budget", [])
+        assert (s.step_size, s.num_steps) == (2.6e-5, 4000) and "lower bound" not in s.reason
+    # Rising runs alone are no recommendation: nothing was ever stationary.
+    s = _unsettled([rising], "budget", [])
+    assert s.step_size is None and s.num_steps is None
+
+
+def scripted(llc: float, *, stationary: bool, trend: float = 0.0) -> Mixing:
+    """A Mixing verdict as a pilot would give it: 8 chains spread by ±0.2 around ``llc``."""
+    per_chain = tuple(llc + 0.2 * (k - 3.5) / 3.5 for k in range(8))
+    return Mixing(num_steps=0, llc_per_chain=per_chain, llc=llc,
+                  llc_std=float(torch.tensor(per_chain).std()), trend=trend, trend_se=0.01,
+                  tau=1.0, ess=1e4, stationary=stationary, reason="scripted")
+
+
+def test_settle_returns_the_run_still_rising_when_only_a_short_pair_was_stationary():
+    # The depth-4 history in miniature: a short pair is stationary but disagrees (and keeps
+    # disagreeing at the same simulated time, so ε halves); at ε/2 of the next round the
+    # chains rise over the whole budget, ending above the pair.
+    verdicts = {
+        (1e-5, 2000): scripted(2.7, stationary=True),
+        (2e-5, 2000): scripted(3.1, stationary=True),
+        (1e-5, 4000): scripted(2.75, stationary=True),
+        (5e-6, 4000): scripted(2.9, stationary=False, trend=0.4),
+        (5e-6, 8000): scripted(3.3, stationary=False, trend=0.4),
+        (5e-6, 16000): scripted(3.7, stationary=False, trend=0.4),
+    }
+
+    def run(eps: float, steps: int) -> PilotRun:
+        key = (float(f"{eps:.3g}"), steps)
+        return PilotRun(step_size=eps, localization=1.0, n_beta=100.0, num_steps=steps,
+                        mixing=verdicts[key])
+
+    s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
+    assert not s.verified and (s.step_size, s.num_steps) == (5e-6, 16_000), s.reason
+    assert "still rising: a lower bound" in s.reason and "λ̂ = 3.7" in s.reason
+    # The same history where the rising chains end below the pair: the pair is kept.
+    verdicts[(5e-6, 16000)] = scripted(3.0, stationary=False, trend=0.1)
+    verdicts[(5e-6, 8000)] = scripted(2.95, stationary=False, trend=0.1)
+    s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
+    assert (s.step_size, s.num_steps) == (2e-5, 2000) and "lower bound" not in s.reason
