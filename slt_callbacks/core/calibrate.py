@@ -654,7 +654,7 @@ def settle(
     chains were stationary, ``step_size`` and T are None.
     """
     eps, steps, halvings = step_size, min_steps, 0
-    best: list[_Candidate] = []  # stationary pairs (ε, ε/2 at T), single runs, rising runs
+    best: list[_Candidate] = []  # stationary pairs (ε, ε/2 at T), else single runs
     history: list[str] = []
     while True:
         fine, steps, why, last = _stationary_length(run, eps / 2, steps, max_steps)
@@ -663,10 +663,9 @@ def settle(
             eps, steps, halvings = eps / 2, 2 * steps, halvings + 1
             continue
         if fine is None:
-            if last is not None and _rising(last.mixing):  # the whole budget, still rising
-                best.append(_Candidate(math.inf, eps / 2, last.num_steps, last.mixing.llc,
-                                       False, rising=True))
-            return _unsettled(best, why, history)
+            rising = (_Candidate(math.inf, eps / 2, last.num_steps, last.mixing.llc, False)
+                      if last is not None and _rising(last.mixing) else None)
+            return _unsettled(best, why, history, rising)
         best.append(_Candidate(math.inf, eps / 2, steps, fine.mixing.llc, False))
         coarse = run(eps, steps)
         if coarse.mixing.stationary:
@@ -695,15 +694,19 @@ def settle(
 
 
 class _Candidate(NamedTuple):
-    """A fallback of :func:`settle`: a stationary pair (ratio = |shift| / se), a single
-    stationary run (ratio inf), or a run whose λ̂ was still rising (``rising``, ratio inf)."""
+    """A fallback of :func:`settle`: a stationary pair (ratio = |shift| / se), else a
+    single run (ratio inf)."""
 
     ratio: float
     step_size: float
     num_steps: int
     llc: float
     pair: bool
-    rising: bool = False
+
+    @property
+    def simulated_time(self) -> float:
+        """ε·T: how far the chains travelled."""
+        return self.step_size * self.num_steps
 
 
 def _rising(m: Mixing) -> bool:
@@ -776,17 +779,19 @@ def _halving_text(eps: float, steps: int, coarse: Mixing, h: Halving) -> str:
             f"{verdict} the full estimate's standard error {h.target_se:.2g}")
 
 
-def _unsettled(best: list[_Candidate], why: str, history: list[str]) -> Settled:
+def _unsettled(best: list[_Candidate], why: str, history: list[str],
+               rising: _Candidate | None = None) -> Settled:
+    """The fallback out of budget from the stationary candidates ``best``, or ``rising``:
+    the finest chains, which ran the whole budget with λ̂ still rising."""
     prefix = "; ".join(history) + "; " if history else ""
-    stationary = [c for c in best if not c.rising]
-    if not stationary:
+    if not best:
         return Settled(None, None, False, f"{prefix}{why}: no chain length verified.")
     # The stationary pair with the longest simulated time ε·T (at a singular minimum λ̂
     # rises with it: short pairs can agree on the early plateau of the regular directions),
     # ties broken by agreement; else the finest stationary single run.
-    pairs = [c for c in stationary if c.pair]
-    pick = (max(pairs, key=lambda c: (c.step_size * c.num_steps, -c.ratio)) if pairs
-            else min(stationary, key=lambda c: c.step_size))
+    pairs = [c for c in best if c.pair]
+    pick = (max(pairs, key=lambda c: (c.simulated_time, -c.ratio)) if pairs
+            else min(best, key=lambda c: c.step_size))
     what = (f"the stationary pair with the longest simulated time ε·T (halving moved λ̂ by "
             f"{pick.ratio:.2g} standard errors)" if pick.pair else
             "the finest step size whose chains were stationary")
@@ -795,15 +800,12 @@ def _unsettled(best: list[_Candidate], why: str, history: list[str]) -> Settled:
     # a depth-4 DLN, the only stationary pair 21% low at ε·T = 0.1, the chains at ε/2
     # 3.5% low at ε·T = 0.8 and rising). They read λ̂ from below, closer: they are chosen,
     # and the reason says it is a lower bound.
-    rising = [c for c in best if c.rising and c.llc > pick.llc
-              and c.step_size * c.num_steps > pick.step_size * pick.num_steps]
-    if rising:
-        further = max(rising, key=lambda c: (c.step_size * c.num_steps, c.llc))
-        what = (f"the chains that travelled furthest (ε·T = "
-                f"{further.step_size * further.num_steps:.2g}, against "
-                f"{pick.step_size * pick.num_steps:.2g} for {what}, λ̂ = {pick.llc:.4g}), "
+    if (rising is not None and rising.llc > pick.llc
+            and rising.simulated_time > pick.simulated_time):
+        what = (f"the chains that travelled furthest (ε·T = {rising.simulated_time:.2g}, "
+                f"against {pick.simulated_time:.2g} for {what}, λ̂ = {pick.llc:.4g}), "
                 "whose λ̂ was still rising: a lower bound")
-        pick = further
+        pick = rising
     return Settled(pick.step_size, pick.num_steps, False, (
         f"{prefix}{why}. Not verified: chose {what}, ε = {pick.step_size:.3g} with "
         f"T = {pick.num_steps} steps (λ̂ = {pick.llc:.4g}); raise `max_steps` to verify it."))

@@ -221,18 +221,18 @@ def test_out_of_budget_prefers_a_further_run_still_rising_above_the_stationary_p
     from slt_callbacks.core.calibrate import _Candidate, _unsettled
 
     pair = _Candidate(2.2, 2.6e-5, 4000, 2.91, True)
-    rising = _Candidate(math.inf, 1.3e-5, 64000, 3.86, False, rising=True)
-    s = _unsettled([pair, rising], "budget", [])
+    rising = _Candidate(math.inf, 1.3e-5, 64000, 3.86, False)
+    s = _unsettled([pair], "budget", [], rising)
     assert (s.step_size, s.num_steps) == (1.3e-5, 64000) and not s.verified
     assert "lower bound" in s.reason and "still rising" in s.reason
     # Not chosen when it travelled less far, or reads below the pair (not on its way up).
-    shorter = _Candidate(math.inf, 1.3e-5, 4000, 3.86, False, rising=True)
-    lower = _Candidate(math.inf, 1.3e-5, 64000, 2.5, False, rising=True)
+    shorter = _Candidate(math.inf, 1.3e-5, 4000, 3.86, False)
+    lower = _Candidate(math.inf, 1.3e-5, 64000, 2.5, False)
     for other in (shorter, lower):
-        s = _unsettled([pair, other], "budget", [])
+        s = _unsettled([pair], "budget", [], other)
         assert (s.step_size, s.num_steps) == (2.6e-5, 4000) and "lower bound" not in s.reason
     # Rising runs alone are no recommendation: nothing was ever stationary.
-    s = _unsettled([rising], "budget", [])
+    s = _unsettled([], "budget", [], rising)
     assert s.step_size is None and s.num_steps is None
 
 
