@@ -109,6 +109,7 @@ __all__ = [
     "estimate_all",
     "pack_state",
     "run_job",
+    "sampler_key",
     "unpack_state",
 ]
 
@@ -177,7 +178,18 @@ class Estimates:
             seconds=self.seconds,
             num_chains=result.config.num_chains,
             source=source,
+            sampler=sampler_key(result.config),
         )
+
+
+def sampler_key(config: SGLDConfig) -> str:
+    """The settings of ``config`` that set the scale of its λ̂ (not the number of chains,
+    which sets only its noise, nor how the steps are computed), as one string: the
+    ``sampler`` of a record."""
+    return (f"step_size={config.step_size:g} n_beta={config.n_beta} "
+            f"localization={config.localization:g} burnin={config.num_burnin_steps} "
+            f"draws={config.num_draws} noise_level={config.noise_level:g} "
+            f"max_grad_norm={config.max_grad_norm}")
 
 
 def _summary(result: LLCResult) -> tuple[float, float, str]:

@@ -29,6 +29,11 @@ class LLCRecord:
         num_chains: chains behind ``llc`` (``llc_std / sqrt(num_chains)`` is its standard
             error), or None if unknown.
         source: the metric prefix of the monitor that made it, to tell two monitors apart.
+        sampler: the sampling settings behind ``llc`` that set its scale (step size, nβ,
+            localization, chain length, noise level), as one string, or None if unknown.
+            Estimates made with different settings are not comparable (SGLD's bias depends
+            on them): the stage tracker lists where it changes, e.g. when ``config="auto"``
+            freezes its calibration, and flags events there.
     """
 
     step: int
@@ -41,6 +46,7 @@ class LLCRecord:
     seconds: float = float("nan")
     num_chains: int | None = None
     source: str = "slt/"
+    sampler: str | None = None
 
     @property
     def healthy(self) -> bool:

@@ -389,3 +389,18 @@ def test_the_poll_after_each_batch_touches_no_future_until_one_finished() -> Non
     assert [done.step for done in queue.collect()] == [0]
     assert CountingFuture.asked > 0
     queue.close()
+
+
+def test_the_sampler_key_changes_with_what_sets_the_scale_of_llc_only():
+    from slt_callbacks import SGLDConfig
+    from slt_callbacks.executors import sampler_key
+
+    base = SGLDConfig(step_size=1e-4, localization=100.0)
+    # The number of chains sets the noise, the backend how steps are computed: same scale.
+    assert sampler_key(base) == sampler_key(SGLDConfig(step_size=1e-4, localization=100.0,
+                                                       num_chains=8, backend="loop"))
+    for changed in ({"step_size": 5e-5}, {"localization": 1.0}, {"n_beta": 10.0},
+                    {"num_draws": 400}, {"num_burnin_steps": 50}, {"noise_level": 0.5},
+                    {"max_grad_norm": 1.0}):
+        other = SGLDConfig(**{"step_size": 1e-4, "localization": 100.0, **changed})
+        assert sampler_key(other) != sampler_key(base), changed

@@ -28,6 +28,7 @@ from slt_callbacks.callbacks import _calibration as calibration_module
 from slt_callbacks.callbacks._base import check_strategy, derive_seed, draw_training_batches
 from slt_callbacks.callbacks._distributed import check_chain_split
 from slt_callbacks.core.curvature import fisher_trace, hessian_trace
+from slt_callbacks.executors import sampler_key
 from slt_callbacks.records import LLCRecord
 from slt_callbacks.schedule import Schedule
 
@@ -113,6 +114,8 @@ def test_zero_configuration_with_a_dict_returning_training_step(tmp_path):
     assert [h["step"] for h in monitor.history] == Schedule().steps_until(5)
     assert all(math.isfinite(h["llc"]) for h in monitor.history)
     assert monitor.history[0]["loss"] is None  # no training batch seen at step 0
+    # Every record names the sampler behind it, one for the whole run with a fixed config.
+    assert {h["sampler"] for h in monitor.history} == {sampler_key(FAST)}
     assert all(h["loss"] > 0 for h in monitor.history[1:])
     # The default 16 batches of 16 would need 256 samples; the training set has 128, so the
     # monitor takes one pass (8 batches) rather than repeating samples, which would inflate n.
