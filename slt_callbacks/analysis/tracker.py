@@ -23,6 +23,16 @@ estimation with ``k`` workers) are put back in order with ``reorder_window = k �
 record whose step is not after the last processed one (a replay after a resume, or later than
 the window allowed) is ignored and counted in :attr:`StageTracker.num_late`.
 
+Samplers: a record's ``sampler`` names the settings behind its λ̂ (step size, nβ,
+localization, chain length). Where it changes between two records (``config="auto"``
+freezing its calibration, or a new config on resume), λ̂ moves by the change of SGLD's bias
+as well as by development: the steps are listed in :attr:`StageTracker.sampler_changes`,
+and an event whose change point lies within ``persistence`` checkpoints of one says so in
+its message. Such events are not suppressed: ``config="auto"`` freezes at the first healthy
+estimate, which comes right after a transition to a minimum (the quickstart's last loss
+drop), so a detector that restarted there would miss that transition. Records without a
+sampler (None) never change it.
+
 Plain numpy; the state is plain Python values.
 """
 
@@ -31,6 +41,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -51,7 +62,7 @@ REJECTED_STATUSES = ("diverged", "all_diverged")
 Series = dict[int, tuple[float, float]]
 """``{step: (value, standard error)}``; the error is nan when unknown."""
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _SUMMARY_KEYS = (
     "matched",
     "missed",
@@ -117,6 +128,8 @@ class StageTracker:
         self._saddle: dict[str | None, int] = {}
         self.num_late = 0
         """Records ignored because their step was not after the last processed one."""
+        self._sampler: str | None = None
+        self._sampler_changes: list[int] = []
 
     # -- what users read ----------------------------------------------------------------
 
@@ -129,6 +142,12 @@ class StageTracker:
     def stages(self) -> dict[str | None, int]:
         """The current stage of every tracked series (None: the global λ̂)."""
         return {name: detector.stage for name, detector in self._detectors.items()}
+
+    @property
+    def sampler_changes(self) -> list[int]:
+        """Steps of the first record after each change of ``record.sampler``: λ̂ before and
+        after is on different scales (events near one say so)."""
+        return list(self._sampler_changes)
 
     @property
     def records(self) -> list[LLCRecord]:
@@ -181,6 +200,10 @@ class StageTracker:
             self.num_late += 1
             return []
         self._records.append(record)
+        if record.sampler is not None:
+            if self._sampler is not None and record.sampler != self._sampler:
+                self._sampler_changes.append(record.step)
+            self._sampler = record.sampler
         chains = record.num_chains or self.num_chains
         events = []
         for name, (llc, llc_std, status) in self._series_of(record).items():
@@ -194,9 +217,21 @@ class StageTracker:
                 self._saddle[name] = self._saddle.get(name, 0) + 1
             event = detector.update(record.step, llc, standard_error(llc_std, chains), record.loss)
             if event is not None:
-                events.append(event)
+                events.append(self._flagged(event))
         self._events += events
         return events
+
+    def _flagged(self, event: StageEvent) -> StageEvent:
+        """``event``, its message saying so if its change point lies within ``persistence``
+        checkpoints of a change of the sampler."""
+        steps = [r.step for r in self._records]
+        at = bisect.bisect_left(steps, event.step)
+        for change in self._sampler_changes:
+            if abs(bisect.bisect_left(steps, change) - at) <= self.config.persistence:
+                return replace(event, message=(
+                    f"{event.message} (the LLC sampler changed at step {change}: part of "
+                    "this change may be the sampler's, not the model's)"))
+        return event
 
     def _series_of(self, record: LLCRecord) -> dict[str | None, tuple[float, float, str]]:
         out: dict[str | None, tuple[float, float, str]] = {
@@ -355,6 +390,8 @@ class StageTracker:
             "rejected": [[name, int(n)] for name, n in self._rejected.items()],
             "saddle": [[name, int(n)] for name, n in self._saddle.items()],
             "num_late": int(self.num_late),
+            "sampler": self._sampler,
+            "sampler_changes": [int(step) for step in self._sampler_changes],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -363,6 +400,8 @@ class StageTracker:
         Raises:
             ValueError: keys are missing or unknown, or the version is not supported.
         """
+        if state.get("version") == 1:  # before samplers were recorded
+            state = {**state, "version": 2, "sampler": None, "sampler_changes": []}
         check_state("StageTracker", state, set(self.state_dict()), _STATE_VERSION)
         self._reset()
         for name, detector_state in state["detectors"]:
@@ -375,6 +414,8 @@ class StageTracker:
         self._rejected = {name: int(n) for name, n in state["rejected"]}
         self._saddle = {name: int(n) for name, n in state["saddle"]}
         self.num_late = int(state["num_late"])
+        self._sampler = state["sampler"]
+        self._sampler_changes = [int(step) for step in state["sampler_changes"]]
 
 
 def label(name: str | None) -> str:

@@ -24,7 +24,9 @@ def estimate_metrics(prefix: str, tracker: StageTracker) -> dict[str, float | in
     """The scalars logged after each estimate, from the latest record ``tracker`` processed.
 
     ``<prefix>stage`` (and ``<prefix>stage/<component>``): the current stage of each series;
-    ``<prefix>num_stage_events``; ``<prefix>stage_signal``: the signed-log λ̂ the detector
+    ``<prefix>num_stage_events``; ``<prefix>num_sampler_changes`` (changes of the estimates'
+    sampler, see :class:`~slt_callbacks.analysis.tracker.StageTracker`);
+    ``<prefix>stage_signal``: the signed-log λ̂ the detector
     sees (left out where λ̂ is not finite); ``<prefix>llc_is_complexity``: 1 where the
     estimate is healthy, 0 where λ̂ is no complexity (e.g. at a saddle). Empty while no
     record has been processed (all of them still wait in the reorder window).
@@ -37,6 +39,7 @@ def estimate_metrics(prefix: str, tracker: StageTracker) -> dict[str, float | in
         for name, stage in tracker.stages.items()
     }
     metrics[f"{prefix}num_stage_events"] = len(tracker.events)
+    metrics[f"{prefix}num_sampler_changes"] = len(tracker.sampler_changes)
     metrics[f"{prefix}stage_signal"] = finite_or_none(
         signed_log(records[-1].llc, tracker.config.scale)
     )

@@ -53,6 +53,8 @@ class StageTransitionMonitor(Callback):
     one W&B alert (at most one per ``alert_wait_s`` for the global λ̂ and one for the
     components). Logged at each estimate through every logger (CSV, TensorBoard, W&B):
     ``<prefix>stage`` (and ``stage/<component>``), ``<prefix>num_stage_events``,
+    ``<prefix>num_sampler_changes`` (how often the estimates' sampler changed, e.g. when
+    ``config="auto"`` froze its calibration; an event near a change says so),
     ``<prefix>stage_signal`` (the signed-log λ̂ the detector sees) and
     ``<prefix>llc_is_complexity`` (0 where λ̂ is no complexity, e.g. at a saddle). At the end
     of training the retrospective stages, their comparison with the events and the relations
@@ -121,7 +123,11 @@ class StageTransitionMonitor(Callback):
 
     def on_llc_record(self, trainer: pl.Trainer, pl_module: Any, record: LLCRecord) -> None:
         """Feed one estimate (called by LLCMonitor, on every process); publish the result."""
+        changes = len(self.tracker.sampler_changes)
         events, sink, step = self.tracker.add(record), self._sink_for(trainer), record.step
+        if self.verbose and len(self.tracker.sampler_changes) > changes:
+            rank_zero_info(f"StageTransitionMonitor: step {self.tracker.sampler_changes[-1]}: "
+                           "the LLC sampler changed; λ̂ before and after is not comparable.")
         sink.log(estimate_metrics(self.prefix, self.tracker), step=step)
         self._publish(sink, events, step)
         num_records = len(self.tracker.records)

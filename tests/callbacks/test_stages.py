@@ -428,7 +428,8 @@ def test_estimate_metrics_and_event_fan_out_in_order():
         events += tracker.add(records[step])
     latest = tracker.records[-1]
     assert estimate_metrics("p/", tracker) == {
-        "p/stage": 2, "p/num_stage_events": 2, "p/llc_is_complexity": 1,
+        "p/stage": 2, "p/num_stage_events": 2, "p/num_sampler_changes": 0,
+        "p/llc_is_complexity": 1,
         "p/stage_signal": pytest.approx(float(signed_log(latest.llc, tracker.config.scale))),
     }
     sink, calls = MagicMock(), []
