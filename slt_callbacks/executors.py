@@ -182,14 +182,17 @@ class Estimates:
         )
 
 
+# The fields of an SGLDConfig that set the scale of its λ̂ (not the number of chains, which
+# sets only its noise, nor how the steps are computed).
+_SCALE_FIELDS = ("step_size", "n_beta", "localization", "num_burnin_steps", "num_draws",
+                 "noise_level", "max_grad_norm")
+
+
 def sampler_key(config: SGLDConfig) -> str:
-    """The settings of ``config`` that set the scale of its λ̂ (not the number of chains,
-    which sets only its noise, nor how the steps are computed), as one string: the
+    """The settings of ``config`` that set the scale of its λ̂, as one string: the
     ``sampler`` of a record."""
-    return (f"step_size={config.step_size:g} n_beta={config.n_beta} "
-            f"localization={config.localization:g} burnin={config.num_burnin_steps} "
-            f"draws={config.num_draws} noise_level={config.noise_level:g} "
-            f"max_grad_norm={config.max_grad_norm}")
+    values = config.to_dict()
+    return " ".join(f"{name}={values[name]}" for name in _SCALE_FIELDS)
 
 
 def _summary(result: LLCResult) -> tuple[float, float, str]:

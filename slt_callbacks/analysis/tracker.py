@@ -62,7 +62,7 @@ REJECTED_STATUSES = ("diverged", "all_diverged")
 Series = dict[int, tuple[float, float]]
 """``{step: (value, standard error)}``; the error is nan when unknown."""
 
-_STATE_VERSION = 2
+_STATE_VERSION = 1
 _SUMMARY_KEYS = (
     "matched",
     "missed",
@@ -128,8 +128,6 @@ class StageTracker:
         self._saddle: dict[str | None, int] = {}
         self.num_late = 0
         """Records ignored because their step was not after the last processed one."""
-        self._sampler: str | None = None
-        self._sampler_changes: list[int] = []
 
     # -- what users read ----------------------------------------------------------------
 
@@ -147,7 +145,14 @@ class StageTracker:
     def sampler_changes(self) -> list[int]:
         """Steps of the first record after each change of ``record.sampler``: λ̂ before and
         after is on different scales (events near one say so)."""
-        return list(self._sampler_changes)
+        changes, previous = [], None
+        for record in self._records:
+            if record.sampler is None:
+                continue
+            if previous is not None and record.sampler != previous:
+                changes.append(record.step)
+            previous = record.sampler
+        return changes
 
     @property
     def records(self) -> list[LLCRecord]:
@@ -200,10 +205,6 @@ class StageTracker:
             self.num_late += 1
             return []
         self._records.append(record)
-        if record.sampler is not None:
-            if self._sampler is not None and record.sampler != self._sampler:
-                self._sampler_changes.append(record.step)
-            self._sampler = record.sampler
         chains = record.num_chains or self.num_chains
         events = []
         for name, (llc, llc_std, status) in self._series_of(record).items():
@@ -226,7 +227,7 @@ class StageTracker:
         checkpoints of a change of the sampler."""
         steps = [r.step for r in self._records]
         at = bisect.bisect_left(steps, event.step)
-        for change in self._sampler_changes:
+        for change in self.sampler_changes:
             if abs(bisect.bisect_left(steps, change) - at) <= self.config.persistence:
                 return replace(event, message=(
                     f"{event.message} (the LLC sampler changed at step {change}: part of "
@@ -390,8 +391,6 @@ class StageTracker:
             "rejected": [[name, int(n)] for name, n in self._rejected.items()],
             "saddle": [[name, int(n)] for name, n in self._saddle.items()],
             "num_late": int(self.num_late),
-            "sampler": self._sampler,
-            "sampler_changes": [int(step) for step in self._sampler_changes],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -400,8 +399,6 @@ class StageTracker:
         Raises:
             ValueError: keys are missing or unknown, or the version is not supported.
         """
-        if state.get("version") == 1:  # before samplers were recorded
-            state = {**state, "version": 2, "sampler": None, "sampler_changes": []}
         check_state("StageTracker", state, set(self.state_dict()), _STATE_VERSION)
         self._reset()
         for name, detector_state in state["detectors"]:
@@ -414,8 +411,6 @@ class StageTracker:
         self._rejected = {name: int(n) for name, n in state["rejected"]}
         self._saddle = {name: int(n) for name, n in state["saddle"]}
         self.num_late = int(state["num_late"])
-        self._sampler = state["sampler"]
-        self._sampler_changes = [int(step) for step in state["sampler_changes"]]
 
 
 def label(name: str | None) -> str:
