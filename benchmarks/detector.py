@@ -72,6 +72,7 @@ TUNING_SEEDS = range(10_000, 10_030)  # the defaults were tuned on these
 DEFAULT_SEEDS = range(10_000, 10_020)
 NOISES = (0.03, 0.10)
 TOLERANCE = 5  # checkpoints, ~0.25 decade
+CEILING_AFTER = (10, 20, 30)  # checkpoints waited past a change, for localization_ceiling
 JUMPS = ("staircase", "close_stages", "drop")
 TRENDS = ("rise_plateau", "plateau_rise", "rise_fall", "multi_stage")
 
@@ -253,6 +254,37 @@ def run(
     return tally
 
 
+def localization_ceiling(name: str, noise: float, seeds: range, after: int) -> float:
+    """The fraction of a trend scenario's true changes that an offline hinge fit places
+    within ``TOLERANCE`` checkpoints: weighted least squares of a line plus one change of
+    slope on λ̂, with the true noise std as weights, over the checkpoints from the previous
+    true change (or the first) to ``after`` checkpoints past this one (at most up to the
+    next change), every change point of that range tried. It knows what no online detector
+    does (the noise, the neighbouring changes, that there is exactly one change) and has
+    waited ``after`` checkpoints: a ceiling on what a detector with that delay can place."""
+    scenario = SCENARIOS[name]
+    hits = total = 0
+    for seed in seeds:
+        curve = synthetic_curve(name, seed, noise)
+        x = log_step(curve.steps)
+        weight = 1.0 / (noise * np.abs(np.interp(x, scenario.knots, scenario.levels))) ** 2
+        bounds = [0, *curve.changes, x.size]
+        for i, at in enumerate(curve.changes):
+            lo, hi = bounds[i], min(bounds[i + 2], at + after + 1)
+            xs, ys, root = x[lo:hi], curve.llc[lo:hi], np.sqrt(weight[lo:hi])
+            candidates = range(lo + 3, hi - 2)
+            rss = []
+            for k in candidates:
+                design = np.stack([np.ones_like(xs), xs, np.maximum(xs - x[k], 0.0)], axis=1)
+                beta = np.linalg.lstsq(design * root[:, None], ys * root, rcond=None)[0]
+                residual = (ys - design @ beta) * root
+                rss.append(float(residual @ residual))
+            best = candidates[int(np.argmin(rss))]
+            hits += abs(best - at) <= TOLERANCE
+            total += 1
+    return hits / total
+
+
 def parse_seeds(text: str) -> range:
     """``"START:STOP"`` -> ``range(START, STOP)`` (STOP excluded, as in Python)."""
     try:
@@ -340,6 +372,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                     delay = "offline"
                 print(f"| {label} | {noise:.0%} | {group} | {precision} | {recall} | {delay} "
                       f"| {kind} | {rate} |")
+    print(
+        "\nHow well a trend change can be placed at all (localization_ceiling: an offline "
+        f"hinge fit that knows the noise and the neighbouring changes; fraction within "
+        f"{TOLERANCE} checkpoints after waiting 10, 20 or 30 checkpoints past the change), "
+        "beside the detector's recall and median delay:\n"
+    )
+    print("| scenario | noise | ceiling, 10 after | 20 after | 30 after | detector recall "
+          "| detector delay median |")
+    print("|---|---|---|---|---|---|---|")
+    for noise in noises:
+        for name in TRENDS:
+            ceilings = [localization_ceiling(name, noise, seeds, m) for m in CEILING_AFTER]
+            _, recall, delay, _ = ours[(name, noise)].row()
+            print(f"| {name} | {noise:.0%} | " + " | ".join(f"{c:.2f}" for c in ceilings)
+                  + f" | {recall} | {delay} |")
     print(
         f"\nStageDetector: {1e6 * timing[0] / max(timing[1], 1):.0f} µs per checkpoint on this "
         f"machine (other jobs were running); whole benchmark "

@@ -32,7 +32,10 @@ comparison of candidates; the change point is where λ̂ itself is past half-way
   ``k``), only once that point is *localized* (change points 5 or more checkpoints away fit
   worse by a likelihood ratio of e or more), and counts when its t exceeds
   ``kink_sensitivity``. A kink announced anywhere along a gentle bend would be a false alarm
-  and a miss at once.
+  and a miss at once. It is announced once it has passed at two checkpoints in a row (or
+  passed, and at the next checkpoint a change still holds, such as a jump in progress): the
+  first checkpoint at which a kink passes is often one whose newest estimates happen to lie
+  off the line, and they also drag its change point late.
 
 The best surviving candidate (least squares) is the change point; the event reports its
 delay in checkpoints.
@@ -43,7 +46,7 @@ do much better: after ``j`` checkpoints a slope change of ``Δ`` per checkpoint 
 curve by ``Δ·j``, so with the old line known exactly the best single test reaches
 ``Δ·sqrt(Σ i²)/σ`` standard errors (``i = 1..j``). On the benchmark's trend scenarios at 10%
 noise that bound is 0.5-2.5 standard errors after 3 checkpoints, and the measured median
-delay is ~10 checkpoints (``benchmarks/results/detector.md``).
+delay is ~11 checkpoints (``benchmarks/results/detector.md``).
 
 Each event has a kind (:class:`StageKind`): *acquire* when λ̂ goes up (jumps or starts rising)
 while the loss falls or has not yet moved, *simplify* when λ̂ goes down while the loss does not
@@ -881,7 +884,7 @@ class StageDetector:
         return self._advance()
 
     def _arrays(
-        self, start: int = 0
+        self, start: int = 0, n: int | None = None
     ) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]], float]:
         """log-steps; the curve and its noise variances on the scale of each shape; the
         degrees of freedom of the noise estimate (inf when every standard error is known).
@@ -895,10 +898,10 @@ class StageDetector:
         the current stage (which begins at buffer index ``start``; see ``_LEVEL_WITHIN``).
         """
         s = self.config.scale
-        x = log_step(np.asarray(self._steps, dtype=float))
-        raw = np.asarray(self._llcs, dtype=float)
+        x = log_step(np.asarray(self._steps[:n], dtype=float))
+        raw = np.asarray(self._llcs[:n], dtype=float)
         z = signed_log(raw, s)
-        se = signed_log_stderr(raw, np.asarray(self._stderrs, dtype=float), s)
+        se = signed_log_stderr(raw, np.asarray(self._stderrs[:n], dtype=float), s)
         # Residual noise of the current stage and the one before (3 windows at most): it
         # follows a noise level that changes between stages.
         recent = slice(-3 * self.config.window, None)
@@ -926,13 +929,39 @@ class StageDetector:
         return x, curves, math.inf if known.all() else dof
 
     def _advance(self) -> StageEvent | None:
-        cfg = self.config
         n = len(self._steps)
         start = max(0, self._stage_start - self._dropped)
+        best, anything, context = self._decide(start, n)
+        if not anything:
+            return None
+        if best is None or best.shape == "kink":
+            # A kink is announced once it has passed at two checkpoints in a row: the first
+            # checkpoint a kink passes at is often one whose newest estimates happen to lie
+            # off the line, and those also drag its change point late (on rise_plateau at
+            # 10% noise, 9 of 20 events were misplaced that way). It also stands when at
+            # the next checkpoint something real holds it back (a jump in progress on an
+            # accelerating rise, as before the induction bump): the change goes on.
+            before = self._decide(start, n - 1)[0] if n - 1 > start else None
+            if before is None or before.shape != "kink":
+                return None
+            best = best or before
+        event = self._event(best, start, *context)
+        self._events.append(event)
+        # The new stage starts where the new level is reached (a ramp's end): the points of
+        # the ramp belong to neither level (they were free in the jump's fit) and would bias
+        # the new stage's line.
+        self._stage_start = self._dropped + start + best.end
+        return event
+
+    def _decide(self, start: int, n: int) -> tuple[_Change | None, bool, tuple]:
+        """The change the first ``n`` buffered checkpoints establish, if any (the stage began
+        at buffer index ``start``); whether any real change was seen; and the arrays behind
+        it, for :meth:`_event`."""
+        cfg = self.config
         first = max(start + cfg.cooldown, n - cfg.window)
         if first > n - cfg.persistence:
-            return None
-        x, curves, dof = self._arrays(start)
+            return None, False, ()
+        x, curves, dof = self._arrays(start, n)
         stage = {shape: (y[start:], var[start:]) for shape, (y, var) in curves.items()}
         # The change is the best explanation (least squares) of the points since the stage
         # began, among those that pass the tests; it is announced once it has persisted. A
@@ -952,21 +981,13 @@ class StageDetector:
                 pending = change
             if best is None or change.rss < best.rss:
                 best = change
+        context = (x, curves, dof)
         if best is None:
-            return None
+            return None, False, context
         held = pending is not None and pending.begin > best.begin and pending.rss < best.rss
         if best.shape == "kink" and held:
-            return None
-        best = self._confirmed(best, real, n - start)
-        if best is None:
-            return None
-        event = self._event(best, start, x, curves, dof)
-        self._events.append(event)
-        # The new stage starts where the new level is reached (a ramp's end): the points of
-        # the ramp belong to neither level (they were free in the jump's fit) and would bias
-        # the new stage's line.
-        self._stage_start = self._dropped + start + best.end
-        return event
+            return None, True, context
+        return self._confirmed(best, real, n - start), True, context
 
     def _real(self, change: _Change, changes: list[_Change], dof: float) -> bool:
         """:func:`judge_change`, and for a jump two more tests: it is a jump on λ̂ itself too

@@ -198,3 +198,37 @@ def test_a_concave_ramp_at_the_last_saddle_is_one_jump():
         detector.update(*args)
     found = [(e.step, StageKind(e.kind).value, e.shape) for e in detector.events]
     assert found == [(42, "acquire", "jump"), (115, "acquire", "jump"), (316, "acquire", "jump")]
+
+
+def _kink_passages_and_events(curve, steps):
+    """Feed ``curve`` (stderr 0.3, loss flat); the checkpoints at which the kink test alone
+    passed without an event, and the events as (index, change point, shape)."""
+    det = StageDetector()
+    passed, events = [], []
+    for i, (step, value) in enumerate(zip(steps, curve, strict=True)):
+        event = det.update(int(step), float(value), 0.3, 1.0)
+        start = max(0, det._stage_start - det._dropped)
+        seen = det._decide(start, len(det._steps))[0]
+        if event is None and seen is not None and seen.shape == "kink":
+            passed.append(i)
+        if event is not None:
+            events.append((i, event.checkpoint, event.shape))
+    return passed, events
+
+
+def test_a_kink_is_announced_when_it_passes_twice_in_a_row():
+    # Noise-free line (se 0.3), then either a lasting change of slope at checkpoint 50, or
+    # five estimates bending away from the line that then return to it. The bend passes the
+    # kink test at checkpoint 54 in both; only the lasting one may become an event, one
+    # checkpoint later.
+    steps = np.unique(np.geomspace(1, 1e4, 80).round().astype(int))
+    x = np.log10(steps + 1)
+    line = 10 + 10 * x
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lasting = line - np.where(np.arange(x.size) >= 50, 25 * (x - x[50]), 0.0)
+        passed, events = _kink_passages_and_events(lasting, steps)
+        assert passed == [54] and events == [(55, 50, "kink")]
+        fluke = line.copy()
+        fluke[50:55] -= [0.5, 1.2, 2.2, 3.4, 4.8]
+        passed, events = _kink_passages_and_events(fluke, steps)
+        assert passed == [54] and events == []
