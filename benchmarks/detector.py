@@ -29,6 +29,10 @@ scale, floored at ``DetectorConfig.min_noise``. Baselines, implemented here in n
 A baseline event is named like a detector jump: up or down, by the same loss comparison
 across the change (:func:`~slt_callbacks.analysis.online.classify_kind`).
 
+For the trend scenarios it also prints a *localization ceiling*
+(:func:`localization_ceiling`): how often an offline hinge fit that knows the noise places a
+change within ``TOLERANCE`` checkpoints, 10, 20 or 30 checkpoints after it.
+
 An event matches a true change when its change point is within ``TOLERANCE`` checkpoints
 (one to one, closest first: :func:`~slt_callbacks.analysis.scoring.compare_events`). Delay:
 checkpoints from the true change to the one at which the event was emitted. The default
@@ -61,6 +65,7 @@ from slt_callbacks.analysis.online import (
     StageEvent,
     StageKind,
     _loss_change,
+    _wls,
     classify_kind,
     log_step,
 )
@@ -271,14 +276,14 @@ def localization_ceiling(name: str, noise: float, seeds: range, after: int) -> f
         bounds = [0, *curve.changes, x.size]
         for i, at in enumerate(curve.changes):
             lo, hi = bounds[i], min(bounds[i + 2], at + after + 1)
-            xs, ys, root = x[lo:hi], curve.llc[lo:hi], np.sqrt(weight[lo:hi])
+            xs, ys = x[lo:hi], curve.llc[lo:hi]
             candidates = range(lo + 3, hi - 2)
-            rss = []
-            for k in candidates:
-                design = np.stack([np.ones_like(xs), xs, np.maximum(xs - x[k], 0.0)], axis=1)
-                beta = np.linalg.lstsq(design * root[:, None], ys * root, rcond=None)[0]
-                residual = (ys - design @ beta) * root
-                rss.append(float(residual @ residual))
+            # The detector's own hinge design and weighted least squares, one stack.
+            designs = np.stack([np.stack([np.ones_like(xs), xs, np.maximum(xs - x[k], 0.0)],
+                                         axis=1) for k in candidates])
+            beta, _ = _wls(designs, weight[lo:hi], ys)
+            residual = (ys - np.einsum("cnp,cp->cn", designs, beta)) * np.sqrt(weight[lo:hi])
+            rss = np.where(np.isfinite(beta).all(axis=1), (residual**2).sum(axis=1), np.inf)
             best = candidates[int(np.argmin(rss))]
             hits += abs(best - at) <= TOLERANCE
             total += 1
