@@ -600,7 +600,10 @@ def _fits(
 def _ramp_fractions(y: np.ndarray, design: np.ndarray, beta: np.ndarray, k: int, end: int,
                     lo: int) -> np.ndarray:
     """How far each point of a ramp from ``k`` to ``end`` is on its way from the stage's line
-    (0) to the new level (1)."""
+    (0) to the new level (1); nan for a jump of exactly 0 (noise-free data), where no point
+    is on its way anywhere."""
+    if beta[-1] == 0.0:
+        return np.full(end - k, math.nan)
     base = design.shape[1] - 1 - (end - k)  # the stage's line; then the ramp's indicators
     line = design[k - lo : end - lo, :base] @ beta[:base]
     return (y[k - lo : end - lo] - line) / beta[-1]

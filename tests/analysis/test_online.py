@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,21 @@ def test_noise_free_jump_and_unknown_stderr():
     assert [(e.kind, e.shape, e.delay) for e in detector.events] == [
         (StageKind.ACQUIRE, "jump", 2)
     ]
+
+
+def test_noise_free_steps_raise_no_numpy_warning():
+    # Exactly flat stages with a zero chain std: every candidate jump inside a stage fits a
+    # coefficient of exactly 0, and placing a ramp on it used to divide by that 0.
+    steps = np.unique(np.geomspace(1, 1e4, 80).round().astype(int))
+    detector = StageDetector()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for s in steps:
+            detector.update(int(s), 10.0 if s < 300 else 20.0, 0.0, 1.0)
+    (event,) = detector.events
+    assert event.shape == "jump" and event.step == int(steps[steps >= 300][0])
+    # Fitted levels of a least-squares fit: exact up to rounding.
+    assert (event.llc_before, event.llc) == (pytest.approx(10.0), pytest.approx(20.0))
 
 
 def test_non_finite_out_of_order_and_invalid_steps():
