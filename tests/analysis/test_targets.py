@@ -123,3 +123,15 @@ def test_whole_benchmark_meets_the_targets():
         # both and failed at 10% since that table was recorded; it now pins the measurement.
         assert flat.false_alarms <= (0 if noise < 0.05 else 1)
         assert retro.matched / (retro.matched + retro.missed) >= 0.9
+
+
+@pytest.mark.slow
+def test_trends_pooled_over_160_fresh_seeds_meet_the_target():
+    # Seeds 30000-30159 were first run after the defaults were fixed. A set of 20 seeds has
+    # ~120 trend changes, so its precision and recall scatter by ~0.03 (binomial) and sets
+    # fall on either side of 0.9; pooled over 160 seeds (~950 events) the standard error is
+    # ~0.009. Measured 0.922 / 0.911 (875 matched, 74 false alarms, 85 missed; median delay
+    # 11), the same numbers `benchmarks/detector.py --seeds 30000:30160` prints. Asserted at
+    # the target; deterministic (fixed seeds), so no margin for noise is needed.
+    precision, recall, delay = tally(("rise_plateau", *TRENDS), range(30000, 30160), 0.10)
+    assert precision >= 0.9 and recall >= 0.9 and delay <= 11
