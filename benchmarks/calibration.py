@@ -150,7 +150,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(repeats))
         print("\nsystematic shift / se = |mean shift| / mean se: below 1 is the stability "
-              "target, measured without the coin flip of one pair. spread of shifts / (√2 se): "
+              "target, measured without the scatter of one pair. spread of shifts / (√2 se): "
               "1 when the two runs of a pair are independent, below 1 when the shared seed "
               "correlates them.")
     if args.tables:
