@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from slt_callbacks import SGLDConfig, estimate_llc
+from slt_callbacks.analysis.noise import standard_error
 from slt_callbacks.core.calibrate import calibrate
 from slt_callbacks.core.theory import (
     deep_linear_lambda,
@@ -179,7 +180,8 @@ def _pair(model, data, config: SGLDConfig, seed: int):
 
 
 def _se(result) -> float:
-    return result.llc_std / math.sqrt(result.config.num_chains)
+    """The package's one noise model (chain std / √chains)."""
+    return standard_error(result.llc_std, result.config.num_chains)
 
 
 def _row(name: str, truth: float, config: SGLDConfig, cal, full, half) -> str:

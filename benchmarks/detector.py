@@ -367,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("| method | noise | scenarios | precision | recall | delay median | kind correct "
           "| false alarms /100 trendless ckpt |")
     print("|---|---|---|---|---|---|---|---|")
+    pooled: dict[tuple[str, float], Tally] = {}  # StageDetector's, per (group, noise)
     for noise in noises:
         for label, detect in methods.items():
             mine = label.startswith("StageDetector")
@@ -380,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 tally = Tally()
                 for name in names:
                     tally.merge(tally_of(name))
+                if mine:
+                    pooled[(group, noise)] = tally
                 precision, recall, delay, kind = tally.row()
                 if label.startswith("retro"):
                     delay = "offline"
@@ -391,10 +394,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "from set to set.\n"
     )
     for noise in noises:
-        for group, names in (("jumps", JUMPS), ("trends", TRENDS)):
-            tally = Tally()
-            for name in names:
-                tally.merge(ours[(name, noise)])
+        for group in ("jumps", "trends"):
+            tally = pooled[(group, noise)]
             print(f"- {group} at {noise:.0%}: precision "
                   f"{_with_se(tally.matched, tally.matched + tally.false_alarms)}, recall "
                   f"{_with_se(tally.matched, tally.matched + tally.missed)}")
