@@ -77,6 +77,7 @@ CASES = {
     "depth4": dln((3, 3, 3, 3, 3), 1),
     "depth3_rank2": dln((4, 3, 3, 4), 2),
     "depth3_wide": dln((5, 3, 4, 3), 1),
+    "depth4_wide": dln((4, 3, 4, 3, 4), 1),
     "rrr": dln((3, 2, 4), 1),
 }
 

@@ -75,7 +75,8 @@ and the config is accepted (``verified=True``) when halving ε moved λ̂, plus 
 standard error, by less than the full estimate's standard error (std of per-chain λ̂ /
 √``base.num_chains``): the stability target itself, at the length the config will
 run. A disagreement is diagnosed by running ε/2 for 2T, the same simulated time: if λ̂
-then agrees the fine chains were under-mixed (T doubles), else the step size biases λ̂
+then agrees, or reads above ε's (the step's bias is upward in ε, so that is the coarse
+chains still rising), the chains were under-mixed (T doubles), else the step size biases λ̂
 (ε halves, at most ``max_halvings`` times, and T doubles with it: the same simulated time
 ε·T, so chains at a smaller step are never judged before they have travelled as far).
 Coarse chains that drift while the fine ones look stationary are told apart the same way
@@ -91,7 +92,9 @@ one closest to agreement), ``verified=False``: at a singular minimum a short pai
 on the early plateau of the regular directions and read λ̂ far too low. If the chains at ε/2
 ran the whole budget still rising (not stationary, trend > 0), travelled further (larger
 ε·T) and read λ̂ above that pair, their ε and T are returned instead, and the reason says its λ̂ is
-a lower bound. With no stationary pilot at all no config is returned.
+a lower bound. Before that, ε itself (not shown to bias λ̂, else it would have been halved)
+runs as long: it travels twice as far, and if it reads higher still and is not falling, it
+is the one returned. With no stationary pilot at all no config is returned.
 
 An unverified choice or no choice warns by default (``on_failure="warn"``), like an
 unhealthy LLC estimate; ``on_failure="raise"`` raises :class:`CalibrationError` instead.
@@ -630,6 +633,7 @@ def settle(
     max_steps: int,
     max_halvings: int,
     num_chains: int,
+    min_acceptance: float = _HEALTHY_CRITERIA.min_acceptance,
 ) -> Settled:
     """The chain-length rule: choose T from the chains, then ε by halving at equal T.
 
@@ -644,14 +648,17 @@ def settle(
        if both are stationary and λ̂ moved by less than the full estimate's standard error
        (``num_chains`` chains), ε and T are the answer, verified;
     3. otherwise tells the two causes apart by running ε/2 for 2T, the same simulated time
-       ε·T as the coarse chains: if λ̂ then agrees, the fine chains were under-mixed and T
-       doubles; if not (discretisation bias), or if the coarse chains were not stationary
-       (they drift into stiffer regions), ε halves, at most ``max_halvings`` times.
+       ε·T as the coarse chains: if λ̂ then agrees, or reads above the coarse chains (the
+       step's bias is upward in ε: the coarse chains were still rising), the chains were
+       under-mixed and T doubles; if it reads below (discretisation bias), or if the
+       coarse chains were not stationary (they drift into stiffer regions), ε halves, at
+       most ``max_halvings`` times.
 
     When the budget runs out, the stationary pair with the longest simulated time ε·T is
     returned with ``verified=False`` (a single stationary run where no pair was), or a run
-    that travelled further and whose λ̂ was still rising above it (a lower bound); when no
-    chains were stationary, ``step_size`` and T are None.
+    that travelled further and whose λ̂ was still rising above it (a lower bound: the chains
+    at ε/2, or ε run as long when it reads higher still); when no chains were stationary,
+    ``step_size`` and T are None.
     """
     eps, steps, halvings = step_size, min_steps, 0
     best: list[_Candidate] = []  # stationary pairs (ε, ε/2 at T), else single runs
@@ -665,6 +672,8 @@ def settle(
         if fine is None:
             rising = (_Candidate(math.inf, eps / 2, last.num_steps, last.mixing.llc, False)
                       if last is not None and _rising(last.mixing) else None)
+            if rising is not None:
+                rising = _further(run, eps, rising, history, min_acceptance)
             return _unsettled(best, why, history, rising)
         best.append(_Candidate(math.inf, eps / 2, steps, fine.mixing.llc, False))
         coarse = run(eps, steps)
@@ -714,6 +723,30 @@ def _rising(m: Mixing) -> bool:
     return not m.stationary and math.isfinite(m.llc) and m.llc > 0 and m.trend > 0
 
 
+def _further(run: PilotFn, eps: float, rising: _Candidate, history: list[str],
+             min_acceptance: float) -> _Candidate:
+    """Out of budget with the chains at ε/2 still rising: ε, not shown to bias λ̂ (else it
+    would have been halved), run as long travels twice as far in simulated time. If its λ̂
+    is finite, above and not falling, and its acceptance healthy, it is the closer lower
+    bound (measured on a depth-4 DLN: ε/2 = 6.5e-6 over 64,000 steps read 3.32 and rising,
+    17% low, ε = 1.3e-5 as long 3.62 at acceptance 0.93; with another seed ε = 2.6e-5 read
+    4.75, 19% high, at acceptance 0.82: long chains reach stiffer regions, where the step
+    biases λ̂ upward, and the acceptance says so)."""
+    pilot = run(eps, rising.num_steps)
+    m = pilot.mixing
+    healthy = not pilot.acceptance < min_acceptance  # nan (not measured) passes
+    further = (math.isfinite(m.llc) and m.llc > rising.llc
+               and (m.stationary or m.trend > 0) and healthy)
+    history.append(
+        f"ε = {eps:.3g} run as long ({rising.num_steps} steps, ε·T = "
+        f"{eps * rising.num_steps:.2g}) reads {m.llc:.4g} at acceptance {pilot.acceptance:.2f}"
+        + (": further and higher than at ε/2, so it replaces them as the furthest run"
+           if further else
+           f", {'not above and rising' if healthy else f'below {min_acceptance:g}'}, "
+           "so ε/2's chains are the reading"))
+    return _Candidate(math.inf, eps, rising.num_steps, m.llc, False) if further else rising
+
+
 def _fine_still_moving(run: PilotFn, fine: PilotRun, eps: float, steps: int, max_steps: int,
                        num_chains: int, history: list[str]) -> bool:
     """Coarse chains drifting while the fine ones look stationary: either the coarse ones
@@ -741,11 +774,17 @@ def _under_mixed(run: PilotFn, coarse: PilotRun, eps: float, steps: int, max_ste
     longer = run(eps / 2, 2 * steps)
     same_time = compare_halving(coarse.mixing, longer.mixing, num_chains=num_chains,
                                 margin=False)  # other lengths, other streams: not paired
+    # The step's own bias is upward in ε (a coarser step samples a wider distribution: module
+    # docstring), so ε/2 reading *above* ε after the same simulated time is no step bias: the
+    # coarse chains had not relaxed yet (measured: a depth-4 DLN, 2.72 at ε = 1.3e-5 against
+    # 3.09 at ε/2 for 2T and still rising; halving there left chains that travelled 4x less).
+    behind = not same_time.agree and same_time.shift < 0
     history.append(
         f"ε/2 run for {2 * steps} steps (the same simulated time) reads {longer.mixing.llc:.4g}"
-        + (": under-mixed, so T doubles" if same_time.agree else ": the step size biases λ̂, "
-           "so ε halves"))
-    return same_time.agree
+        + (": under-mixed, so T doubles" if same_time.agree else
+           ": above ε, so the coarse chains had not relaxed and T doubles" if behind else
+           ": the step size biases λ̂, so ε halves"))
+    return same_time.agree or behind
 
 
 def _stationary_length(
@@ -982,7 +1021,8 @@ def calibrate(
         if max_steps is not None:
             length = LengthRule(max_steps=max_steps, max_halvings=max_halvings,
                                 max_trend=max_trend, min_ess=min_ess,
-                                min_steps=2 * (num_burnin_steps + num_draws))
+                                min_steps=2 * (num_burnin_steps + num_draws),
+                                min_acceptance=criteria.min_acceptance)
             pilots_fn = _Pilots(model, loss_fn, batches,
                                 replace(recommended, num_chains=num_chains), seed,
                                 length.mixing_options)
@@ -1087,6 +1127,7 @@ class LengthRule:
     max_trend: float
     min_ess: float
     min_steps: int
+    min_acceptance: float = _HEALTHY_CRITERIA.min_acceptance
 
     @property
     def mixing_options(self) -> dict[str, float]:
@@ -1101,7 +1142,8 @@ def length_rule_text(max_trend: float, min_ess: float) -> str:
         f"including half a standard error, and ESS ≥ {min_ess:g}), run ε at the same T, "
         "and accept when halving ε moves λ̂, plus one paired standard error, by less than "
         "the full estimate's standard error (chain std/√num_chains); otherwise run ε/2 for "
-        "2T (the same simulated time): if that agrees, double T, else halve ε (and double "
+        "2T (the same simulated time): if that agrees, or reads above ε (the step's bias is "
+        "upward, so the coarse chains had not relaxed), double T, else halve ε (and double "
         "T). The config's burn-in and draws are T/2 each."
     )
 
@@ -1138,7 +1180,7 @@ def _choose_length(
     reason (the screen's, then the length's)."""
     settled = settle(pilots, start, min_steps=rule.min_steps,
                      max_steps=rule.max_steps, max_halvings=rule.max_halvings,
-                     num_chains=num_chains)
+                     num_chains=num_chains, min_acceptance=rule.min_acceptance)
     reason = f"Screen: {screen_reason} Chain length: {settled.reason}"
     if settled.step_size is None or settled.num_steps is None:
         return None, False, reason + " No config is recommended."

@@ -7,6 +7,7 @@ second. Tolerances are stated where a test depends on noise.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -255,6 +256,8 @@ def test_settle_returns_the_run_still_rising_when_only_a_short_pair_was_stationa
         (5e-6, 4000): scripted(2.9, stationary=False, trend=0.4),
         (5e-6, 8000): scripted(3.3, stationary=False, trend=0.4),
         (5e-6, 16000): scripted(3.7, stationary=False, trend=0.4),
+        # ε run as long once ε/2 is out of budget: lower, and falling, so not taken.
+        (1e-5, 16000): scripted(3.5, stationary=False, trend=-0.3),
     }
 
     def run(eps: float, steps: int) -> PilotRun:
@@ -265,8 +268,56 @@ def test_settle_returns_the_run_still_rising_when_only_a_short_pair_was_stationa
     s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
     assert not s.verified and (s.step_size, s.num_steps) == (5e-6, 16_000), s.reason
     assert "still rising: a lower bound" in s.reason and "λ̂ = 3.7" in s.reason
+    assert "so ε/2's chains are the reading" in s.reason
+    # ε run as long reads higher and still rises: it travelled twice as far, so it is taken.
+    verdicts[(1e-5, 16000)] = scripted(4.1, stationary=False, trend=0.3)
+    s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
+    assert not s.verified and (s.step_size, s.num_steps) == (1e-5, 16_000), s.reason
+    assert "further and higher than at ε/2" in s.reason and "ε·T = 0.16" in s.reason
+    assert "λ̂ = 4.1" in s.reason
+    # Higher but falling (drifting into stiffer regions): not taken.
+    verdicts[(1e-5, 16000)] = scripted(4.1, stationary=False, trend=-0.3)
+    s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
+    assert (s.step_size, s.num_steps) == (5e-6, 16_000), s.reason
+    # Higher and rising, but at an unhealthy acceptance (measured on a depth-4 DLN: 0.82,
+    # 19% high): the step biases λ̂ there, so not taken either.
+    verdicts[(1e-5, 16000)] = scripted(4.1, stationary=False, trend=0.3)
+
+    def run_low_acceptance(eps: float, steps: int) -> PilotRun:
+        pilot = run(eps, steps)
+        low = (float(f"{eps:.3g}"), steps) == (1e-5, 16000)
+        return replace(pilot, acceptance=0.82) if low else pilot
+
+    s = settle(run_low_acceptance, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1,
+               num_chains=4)
+    assert (s.step_size, s.num_steps) == (5e-6, 16_000), s.reason
+    assert "at acceptance 0.82, below 0.9" in s.reason
+    verdicts[(1e-5, 16000)] = scripted(3.5, stationary=False, trend=-0.3)
     # The same history where the rising chains end below the pair: the pair is kept.
     verdicts[(5e-6, 16000)] = scripted(3.0, stationary=False, trend=0.1)
     verdicts[(5e-6, 8000)] = scripted(2.95, stationary=False, trend=0.1)
     s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
     assert (s.step_size, s.num_steps) == (2e-5, 2000) and "lower bound" not in s.reason
+
+
+def test_settle_doubles_t_when_the_half_step_run_as_far_reads_above_the_coarse_chains():
+    # The depth-4 DLN history (teacher seed 0) in miniature: at T = 2000 halving 2e-5 moves
+    # λ̂ by 0.4; ε/2 run for 4000 steps reads 3.1, above the coarse chains' 2.7. The step's
+    # own bias is upward in ε, so that is the coarse chains still rising, not step bias: T
+    # doubles at the same ε (before the fix ε halved, and the chains chosen out of budget
+    # had travelled half as far).
+    verdicts = {
+        (1e-5, 2000): scripted(2.3, stationary=True),
+        (2e-5, 2000): scripted(2.7, stationary=True),
+        (1e-5, 4000): scripted(3.1, stationary=True),
+        (2e-5, 4000): scripted(3.15, stationary=True),
+    }
+
+    def run(eps: float, steps: int) -> PilotRun:
+        key = (float(f"{eps:.3g}"), steps)
+        return PilotRun(step_size=eps, localization=1.0, n_beta=100.0, num_steps=steps,
+                        mixing=verdicts[key])
+
+    s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
+    assert s.verified and (s.step_size, s.num_steps) == (2e-5, 4000), s.reason
+    assert "had not relaxed and T doubles" in s.reason
