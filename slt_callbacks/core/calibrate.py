@@ -739,7 +739,7 @@ def _further(run: PilotFn, eps: float, rising: _Candidate, history: list[str],
                and (m.stationary or m.trend > 0) and healthy)
     history.append(
         f"ε = {eps:.3g} run as long ({rising.num_steps} steps, ε·T = "
-        f"{eps * rising.num_steps:.2g}) reads {m.llc:.4g} at acceptance {pilot.acceptance:.2f}"
+        f"{eps * rising.num_steps:.2g}) reads {m.llc:.4g} at acceptance {pilot.acceptance:.3f}"
         + (": further and higher than at ε/2, so it replaces them as the furthest run"
            if further else
            f", {'not above and rising' if healthy else f'below {min_acceptance:g}'}, "
