@@ -212,8 +212,8 @@ def test_restricted_llc_equals_llc_of_the_reduced_model():
 
 
 DLN_CASES = [((4, 3, 5), 1, 0), ((4, 3, 3, 4), 1, 0), ((4, 3, 3, 4), 1, 1),
-             ((3, 3, 3, 3, 3), 1, 0), ((3, 3, 3, 3, 3), 1, 1)]
-DLN_IDS = ["depth2", "depth3", "depth3_seed1", "depth4", "depth4_seed1"]
+             ((3, 3, 3, 3, 3), 1, 0), ((3, 3, 3, 3, 3), 1, 1), ((4, 3, 4, 3, 4), 1, 0)]
+DLN_IDS = ["depth2", "depth3", "depth3_seed1", "depth4", "depth4_seed1", "depth4_wide"]
 
 
 @functools.cache
@@ -248,12 +248,13 @@ def test_calibrated_config_on_deep_linear_networks(widths, r, seed):
         cal.to_markdown())
 
 
-# Measured 2026-12-02/03 (benchmarks/results/calibration_cpu.md): halving the calibrated ε
-# at the same chain length moves λ̂ by 1.0, 2.0, 1.1, 3.3 and 4.1 standard errors; every
-# calibration says unverified (max_steps too short for ε small enough; on depth 4 the
-# chosen chains were still rising, a lower bound; issue #9, open).
-_SHIFTS = {"depth2": 1.0, "depth3": 2.0, "depth3_seed1": 1.1, "depth4": 3.3,
-           "depth4_seed1": 4.1}
+# Measured 2026-12-02/04 (benchmarks/results/calibration_cpu.md): halving the calibrated ε
+# at the same chain length moves λ̂ by 1.0, 2.0, 1.1, 6.0, 4.1 and 4.4 standard errors;
+# every calibration says unverified (max_steps too short for ε small enough; on depth 4 the
+# chosen chains were still rising, a lower bound; issue #9, open). depth2 reads 0.98 and
+# passes on this seed; over five seeds its systematic shift is 0.78.
+_SHIFTS = {"depth2": 1.0, "depth3": 2.0, "depth3_seed1": 1.1, "depth4": 6.0,
+           "depth4_seed1": 4.1, "depth4_wide": 4.4}
 STABILITY_CASES = [
     pytest.param(*case, marks=pytest.mark.xfail(strict=False, reason=(
         f"measured shift {_SHIFTS[name]} se; calibration unverified (issue #9, open)")))
