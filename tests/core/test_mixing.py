@@ -263,35 +263,55 @@ def test_settle_returns_the_run_still_rising_when_only_a_short_pair_was_stationa
     def run(eps: float, steps: int) -> PilotRun:
         key = (float(f"{eps:.3g}"), steps)
         return PilotRun(step_size=eps, localization=1.0, n_beta=100.0, num_steps=steps,
-                        mixing=verdicts[key])
+                        mixing=verdicts[key], acceptance=0.95)
 
     s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
     assert not s.verified and (s.step_size, s.num_steps) == (5e-6, 16_000), s.reason
     assert "still rising: a lower bound" in s.reason and "λ̂ = 3.7" in s.reason
-    assert "so ε/2's chains are the reading" in s.reason
+    assert "turned down (not above ε/2's)" in s.reason
     # ε run as long reads higher and still rises: it travelled twice as far, so it is taken.
     verdicts[(1e-5, 16000)] = scripted(4.1, stationary=False, trend=0.3)
     s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
     assert not s.verified and (s.step_size, s.num_steps) == (1e-5, 16_000), s.reason
-    assert "further and higher than at ε/2" in s.reason and "ε·T = 0.16" in s.reason
-    assert "λ̂ = 4.1" in s.reason
+    assert "higher than at ε/2, so it is the furthest candidate" in s.reason
+    assert "ε·T = 0.16" in s.reason and "λ̂ = 4.1" in s.reason
+    # The reason does not call the coarse step's reading a lower bound: it may read high.
+    assert "ε itself run as long, still rising" in s.reason
+    assert "can also read high" in s.reason and "a lower bound" not in s.reason
+    # Stationary and higher: taken, and named stationary.
+    verdicts[(1e-5, 16000)] = scripted(4.1, stationary=True)
+    s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
+    assert (s.step_size, s.num_steps) == (1e-5, 16_000), s.reason
+    assert "ε itself run as long, stationary" in s.reason
     # Higher but falling (drifting into stiffer regions): not taken.
     verdicts[(1e-5, 16000)] = scripted(4.1, stationary=False, trend=-0.3)
     s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
     assert (s.step_size, s.num_steps) == (5e-6, 16_000), s.reason
+    assert "turned down (falling)" in s.reason
     # Higher and rising, but at an unhealthy acceptance (measured on a depth-4 DLN: 0.82,
     # 19% high): the step biases λ̂ there, so not taken either.
     verdicts[(1e-5, 16000)] = scripted(4.1, stationary=False, trend=0.3)
 
-    def run_low_acceptance(eps: float, steps: int) -> PilotRun:
-        pilot = run(eps, steps)
-        low = (float(f"{eps:.3g}"), steps) == (1e-5, 16000)
-        return replace(pilot, acceptance=0.82) if low else pilot
+    def run_at(acceptance: float):
+        def run_low_acceptance(eps: float, steps: int) -> PilotRun:
+            pilot = run(eps, steps)
+            low = (float(f"{eps:.3g}"), steps) == (1e-5, 16000)
+            return replace(pilot, acceptance=acceptance) if low else pilot
+        return run_low_acceptance
 
-    s = settle(run_low_acceptance, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1,
+    s = settle(run_at(0.82), 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1,
                num_chains=4)
     assert (s.step_size, s.num_steps) == (5e-6, 16_000), s.reason
-    assert "at acceptance 0.820, below 0.9" in s.reason
+    assert "at acceptance 0.820: turned down (acceptance below 0.9)" in s.reason
+    # An acceptance that was not measured (nan) is no evidence of health: turned down too.
+    s = settle(run_at(float("nan")), 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1,
+               num_chains=4)
+    assert (s.step_size, s.num_steps) == (5e-6, 16_000), s.reason
+    assert "turned down (acceptance not measured)" in s.reason
+    # Exactly at the threshold passes (at least `min_acceptance`).
+    s = settle(run_at(0.9), 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1,
+               num_chains=4)
+    assert (s.step_size, s.num_steps) == (1e-5, 16_000), s.reason
     verdicts[(1e-5, 16000)] = scripted(3.5, stationary=False, trend=-0.3)
     # The same history where the rising chains end below the pair: the pair is kept.
     verdicts[(5e-6, 16000)] = scripted(3.0, stationary=False, trend=0.1)
@@ -311,13 +331,31 @@ def test_settle_doubles_t_when_the_half_step_run_as_far_reads_above_the_coarse_c
         (2e-5, 2000): scripted(2.7, stationary=True),
         (1e-5, 4000): scripted(3.1, stationary=True),
         (2e-5, 4000): scripted(3.15, stationary=True),
+        # Only the old rule (ε halves) asks for these: it then fails the assertion below.
+        (5e-6, 4000): scripted(2.0, stationary=True),
+        (5e-6, 8000): scripted(2.0, stationary=True),
     }
 
     def run(eps: float, steps: int) -> PilotRun:
         key = (float(f"{eps:.3g}"), steps)
         return PilotRun(step_size=eps, localization=1.0, n_beta=100.0, num_steps=steps,
-                        mixing=verdicts[key])
+                        mixing=verdicts[key], acceptance=0.95)
 
     s = settle(run, 2e-5, min_steps=2000, max_steps=16_000, max_halvings=1, num_chains=4)
     assert s.verified and (s.step_size, s.num_steps) == (2e-5, 4000), s.reason
     assert "had not relaxed and T doubles" in s.reason
+
+
+def test_a_diverged_half_step_is_not_read_as_lagging_coarse_chains():
+    # ε/2 run for 2T reading +inf is "above ε" only numerically: no T doubling on it.
+    from slt_callbacks.core.calibrate import _under_mixed
+
+    def pilot(llc: float, stationary: bool) -> PilotRun:
+        return PilotRun(step_size=1e-5, localization=1.0, n_beta=100.0, num_steps=4000,
+                        mixing=scripted(llc, stationary=stationary), acceptance=0.95)
+
+    history: list[str] = []
+    coarse = pilot(3.0, True)
+    assert not _under_mixed(lambda eps, steps: pilot(math.inf, False), coarse, 2e-5, 2000,
+                            16_000, 4, history)
+    assert "the step size biases λ̂" in history[-1]
