@@ -88,7 +88,8 @@ the coarse step, which then halves). The recommended config has burn-in = draws 
 Within ``max_steps`` (the longest pilot chain; the phase costs at most a few times
 ``num_chains · max_steps`` gradient evaluations per halving) the rule may not verify; it
 then returns the stationary (ε, ε/2) pair with the longest simulated time ε·T (ties: the
-one closest to agreement), ``verified=False``: at a singular minimum a short pair can agree
+one closest to agreement; its half step ε/2 when the coarse run's acceptance fell below
+``min_acceptance``), ``verified=False``: at a singular minimum a short pair can agree
 on the early plateau of the regular directions and read λ̂ far too low. If the chains at ε/2
 ran the whole budget still rising (not stationary, trend > 0), travelled further (larger
 ε·T) and read λ̂ above that pair, their ε and T are returned instead, and the reason says its λ̂ is
@@ -676,7 +677,7 @@ def settle(
                       if last is not None and _rising(last.mixing) else None)
             if rising is not None:
                 rising = _further(run, eps, rising, history, min_acceptance)
-            return _unsettled(best, why, history, rising)
+            return _unsettled(best, why, history, rising, min_acceptance)
         best.append(_Candidate(math.inf, eps / 2, steps, fine.mixing.llc, False))
         coarse = run(eps, steps)
         if coarse.mixing.stationary:
@@ -685,7 +686,8 @@ def settle(
             if halving.agree:
                 return Settled(eps, steps, True, "; ".join(history) + ".")
             best.append(_Candidate(abs(halving.shift) / halving.target_se, eps, steps,
-                                   coarse.mixing.llc, True))
+                                   coarse.mixing.llc, True, acceptance=coarse.acceptance,
+                                   half_llc=fine.mixing.llc))
             if _under_mixed(run, coarse, eps, steps, max_steps, num_chains, history):
                 steps *= 2
                 continue
@@ -697,7 +699,7 @@ def settle(
                 continue
         if halvings == max_halvings:
             return _unsettled(best, f"no agreement within {max_halvings} halvings of ε",
-                              history)
+                              history, min_acceptance=min_acceptance)
         # Half the step, twice the steps: the same simulated time ε·T, so a chain at the
         # smaller step is never judged before it has travelled as far (short chains at small
         # steps sit on the plateau of the regular directions and look stationary).
@@ -714,6 +716,8 @@ class _Candidate(NamedTuple):
     llc: float
     pair: bool
     what: str = "whose λ̂ was still rising: a lower bound"  # how the reason names a rising run
+    acceptance: float = math.nan  # of the run at step_size (a pair: its coarse run)
+    half_llc: float = math.nan  # a pair: λ̂ of its stationary run at step_size / 2
 
     @property
     def simulated_time(self) -> float:
@@ -832,7 +836,8 @@ def _halving_text(eps: float, steps: int, coarse: Mixing, h: Halving) -> str:
 
 
 def _unsettled(best: list[_Candidate], why: str, history: list[str],
-               rising: _Candidate | None = None) -> Settled:
+               rising: _Candidate | None = None,
+               min_acceptance: float = _HEALTHY_CRITERIA.min_acceptance) -> Settled:
     """The fallback out of budget from the stationary candidates ``best``, or ``rising``:
     the finest chains, which ran the whole budget with λ̂ still rising."""
     prefix = "; ".join(history) + "; " if history else ""
@@ -847,6 +852,15 @@ def _unsettled(best: list[_Candidate], why: str, history: list[str],
     what = (f"the stationary pair with the longest simulated time ε·T (halving moved λ̂ by "
             f"{pick.ratio:.2g} standard errors)" if pick.pair else
             "the finest step size whose chains were stationary")
+    # A pair whose coarse run's acceptance fell below the threshold over the long run
+    # (measured: a depth-4 DLN at T = 256,000, ε = 1.3e-5 at acceptance 0.877; the screen
+    # ties such acceptance to upward bias): its half step, stationary at the same length
+    # and healthier, is the reading. Dropping such pairs instead would fall back to a
+    # short pair on the early plateau (there ε·T = 0.10, 32% low).
+    if pick.pair and pick.acceptance < min_acceptance:
+        what += (f", whose step ran at acceptance {pick.acceptance:.3f}, below "
+                 f"{min_acceptance:g}: its half step, stationary at the same length")
+        pick = _Candidate(math.inf, pick.step_size / 2, pick.num_steps, pick.half_llc, False)
     # The finest chains ran the whole budget, travelled further in simulated time and
     # still rose above the stationary pick: the pick sat on the early plateau (measured:
     # a depth-4 DLN, the only stationary pair 21% low at ε·T = 0.1, the chains at ε/2
@@ -1158,9 +1172,10 @@ def length_rule_text(max_trend: float, min_ess: float) -> str:
         "2T (the same simulated time): if that agrees, or reads above ε (the step's bias is "
         "upward, so the coarse chains had not relaxed), double T, else halve ε (and double "
         "T). Out of budget, the stationary pair that travelled furthest (ε·T) is returned, "
-        "unverified, unless the chains at ε/2 ran the whole budget still rising above it; "
-        "then they are, or ε run as long if it reads higher, is not falling and its "
-        "acceptance is healthy. The config's burn-in and draws are T/2 each."
+        "unverified (its ε/2 if its ε ran at an unhealthy acceptance), unless the chains "
+        "at ε/2 ran the whole budget still rising above it; then they are, or ε run as "
+        "long if it reads higher, is not falling and its acceptance is healthy. The "
+        "config's burn-in and draws are T/2 each."
     )
 
 
