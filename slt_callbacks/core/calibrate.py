@@ -686,8 +686,7 @@ def settle(
             if halving.agree:
                 return Settled(eps, steps, True, "; ".join(history) + ".")
             best.append(_Candidate(abs(halving.shift) / halving.target_se, eps, steps,
-                                   coarse.mixing.llc, True, acceptance=coarse.acceptance,
-                                   half_llc=fine.mixing.llc))
+                                   coarse.mixing.llc, True, acceptance=coarse.acceptance))
             if _under_mixed(run, coarse, eps, steps, max_steps, num_chains, history):
                 steps *= 2
                 continue
@@ -717,7 +716,6 @@ class _Candidate(NamedTuple):
     pair: bool
     what: str = "whose λ̂ was still rising: a lower bound"  # how the reason names a rising run
     acceptance: float = math.nan  # of the run at step_size (a pair: its coarse run)
-    half_llc: float = math.nan  # a pair: λ̂ of its stationary run at step_size / 2
 
     @property
     def simulated_time(self) -> float:
@@ -835,6 +833,13 @@ def _halving_text(eps: float, steps: int, coarse: Mixing, h: Halving) -> str:
             f"{verdict} the full estimate's standard error {h.target_se:.2g}")
 
 
+def _half_of(pair: _Candidate, best: list[_Candidate]) -> _Candidate:
+    """The stationary run at ε/2 that ``pair`` was compared with: :func:`settle` appends it
+    to ``best`` just before the pair (the pair itself if it is missing)."""
+    return next((c for c in best if not c.pair and c.num_steps == pair.num_steps
+                 and c.step_size == pair.step_size / 2), pair)
+
+
 def _unsettled(best: list[_Candidate], why: str, history: list[str],
                rising: _Candidate | None = None,
                min_acceptance: float = _HEALTHY_CRITERIA.min_acceptance) -> Settled:
@@ -860,7 +865,7 @@ def _unsettled(best: list[_Candidate], why: str, history: list[str],
     if pick.pair and pick.acceptance < min_acceptance:
         what += (f", whose step ran at acceptance {pick.acceptance:.3f}, below "
                  f"{min_acceptance:g}: its half step, stationary at the same length")
-        pick = _Candidate(math.inf, pick.step_size / 2, pick.num_steps, pick.half_llc, False)
+        pick = _half_of(pick, best)
     # The finest chains ran the whole budget, travelled further in simulated time and
     # still rose above the stationary pick: the pick sat on the early plateau (measured:
     # a depth-4 DLN, the only stationary pair 21% low at ε·T = 0.1, the chains at ε/2

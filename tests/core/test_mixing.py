@@ -368,12 +368,16 @@ def test_out_of_budget_a_pair_whose_coarse_run_lost_acceptance_gives_its_half_st
     dropping the pair would have fallen back to a short one on the early plateau."""
     from slt_callbacks.core.calibrate import _Candidate, _unsettled
 
-    short = _Candidate(2.4, 1.3e-5, 8000, 2.72, True, acceptance=0.964, half_llc=2.47)
-    long = _Candidate(3.8, 1.3e-5, 256000, 4.09, True, acceptance=0.877, half_llc=3.57)
-    s = _unsettled([short, long], "budget", [])
+    # As settle builds them: each pair after the stationary run at its half step.
+    short_half = _Candidate(math.inf, 6.5e-6, 8000, 2.47, False)
+    short = _Candidate(2.4, 1.3e-5, 8000, 2.72, True, acceptance=0.964)
+    long_half = _Candidate(math.inf, 6.5e-6, 256000, 3.57, False)
+    long = _Candidate(3.8, 1.3e-5, 256000, 4.09, True, acceptance=0.877)
+    s = _unsettled([short_half, short, long_half, long], "budget", [])
     assert (s.step_size, s.num_steps) == (6.5e-6, 256000) and not s.verified, s.reason
     assert "acceptance 0.877, below 0.9: its half step" in s.reason and "λ̂ = 3.57" in s.reason
     # At a healthy acceptance, or one not measured (nan), the pair's own step is kept.
     for acceptance in (0.93, math.nan):
-        s = _unsettled([short, long._replace(acceptance=acceptance)], "budget", [])
+        s = _unsettled([short_half, short, long_half, long._replace(acceptance=acceptance)],
+                       "budget", [])
         assert (s.step_size, s.num_steps) == (1.3e-5, 256000), s.reason
